@@ -12,6 +12,7 @@ Each returns ``(loss_sum, count, metrics)`` with the token mean of the unscaled 
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from rlhf_jax.losses._common import as_mask, mean_stat
@@ -22,8 +23,21 @@ from rlhf_jax.types import Mask
 LossOut = tuple[Float[Array, ""], Float[Array, ""], dict]
 
 
-def _finish(div, mask, temperature, aggregation, max_tokens, name) -> LossOut:
-    m = as_mask(mask, div.shape)
+def _inputs(student_logits, teacher_logits, mask, temperature):
+    """Boolean ``[B, T]`` mask and both logits with masked positions set to 0.
+
+    The "double where": padding positions may hold NaN or inf logits; zeroing them *before* the
+    divergence keeps their gradient exactly 0 instead of ``0 * NaN``.
+    """
+    if not temperature > 0:  # also rejects NaN
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    m = as_mask(mask, jnp.shape(student_logits)[:-1])
+    s = jnp.where(m[..., None], student_logits, 0.0)
+    t = jnp.where(m[..., None], teacher_logits, 0.0)
+    return m, s, t
+
+
+def _finish(div, m, temperature, aggregation, max_tokens, name) -> LossOut:
     total, count = aggregate_loss(div * temperature**2, m, mode=aggregation,
                                   max_tokens=max_tokens)
     return total, count, {name: mean_stat(div, m)}
@@ -34,8 +48,9 @@ def forward_kl_distill_loss(
     temperature: float = 1.0, aggregation: str = "token_mean", max_tokens: int | None = None,
 ) -> LossOut:
     """``tau^2 KL(p_T || p_S)`` per token, aggregated."""
-    div = kl_from_logits(teacher_logits, student_logits, temperature=temperature)
-    return _finish(div, mask, temperature, aggregation, max_tokens, "forward_kl")
+    m, s, t = _inputs(student_logits, teacher_logits, mask, temperature)
+    div = kl_from_logits(t, s, temperature=temperature)
+    return _finish(div, m, temperature, aggregation, max_tokens, "forward_kl")
 
 
 def reverse_kl_distill_loss(
@@ -43,8 +58,9 @@ def reverse_kl_distill_loss(
     temperature: float = 1.0, aggregation: str = "token_mean", max_tokens: int | None = None,
 ) -> LossOut:
     """``tau^2 KL(p_S || p_T)`` per token, aggregated."""
-    div = kl_from_logits(student_logits, teacher_logits, temperature=temperature)
-    return _finish(div, mask, temperature, aggregation, max_tokens, "reverse_kl")
+    m, s, t = _inputs(student_logits, teacher_logits, mask, temperature)
+    div = kl_from_logits(s, t, temperature=temperature)
+    return _finish(div, m, temperature, aggregation, max_tokens, "reverse_kl")
 
 
 def jsd_distill_loss(
@@ -53,9 +69,9 @@ def jsd_distill_loss(
     max_tokens: int | None = None,
 ) -> LossOut:
     """``tau^2 JSD_beta(p_T || p_S)`` per token, aggregated; ``0 < beta < 1``."""
-    div = generalized_jsd_from_logits(teacher_logits, student_logits, beta=beta,
-                                      temperature=temperature)
-    return _finish(div, mask, temperature, aggregation, max_tokens, "jsd")
+    m, s, t = _inputs(student_logits, teacher_logits, mask, temperature)
+    div = generalized_jsd_from_logits(t, s, beta=beta, temperature=temperature)
+    return _finish(div, m, temperature, aggregation, max_tokens, "jsd")
 
 
 DISTILL_LOSSES = {

@@ -35,12 +35,23 @@ Seq = Float[Array, "B"]
 LossOut = tuple[Float[Array, ""], Float[Array, ""], dict]
 
 
-def _f32(*xs):
-    return tuple(jnp.asarray(x, jnp.float32) for x in xs)
+def _inputs(pair_mask, *xs):
+    """float32 copies of ``xs`` with padding pairs set to 0, and the boolean pair mask.
+
+    The "double where": a padding pair may hold NaN or +-inf log-probs; zeroing them *before*
+    the loss keeps its gradient exactly 0 instead of ``0 * NaN``.
+    """
+    xs = tuple(jnp.asarray(x, jnp.float32) for x in xs)
+    m = as_mask(pair_mask, xs[0].shape)
+    return m, tuple(jnp.where(m, x, 0.0) for x in xs)
 
 
-def _finish(per_pair, chosen_rewards, rejected_rewards, pair_mask, extra=None) -> LossOut:
-    m = as_mask(pair_mask, per_pair.shape)
+def _check_beta(beta: float) -> None:
+    if not beta > 0:  # also rejects NaN
+        raise ValueError(f"beta must be > 0, got {beta}")
+
+
+def _finish(per_pair, chosen_rewards, rejected_rewards, m, extra=None) -> LossOut:
     margin = chosen_rewards - rejected_rewards
     metrics = {
         "rewards/chosen": mean_stat(chosen_rewards, m),
@@ -53,21 +64,22 @@ def _finish(per_pair, chosen_rewards, rejected_rewards, pair_mask, extra=None) -
     return masked_sum(per_pair, m), masked_count(m), metrics
 
 
-def _implicit(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    pc, pr, rc, rr = _f32(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+def _implicit(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, pair_mask):
+    """Implicit rewards ``beta (log pi - log pi_ref)``, the log-ratio margin ``h`` and the mask."""
+    _check_beta(beta)
+    m, (pc, pr, rc, rr) = _inputs(pair_mask, policy_chosen, policy_rejected, ref_chosen,
+                                  ref_rejected)
     chosen, rejected = beta * (pc - rc), beta * (pr - rr)
-    return chosen, rejected, (pc - rc) - (pr - rr)
+    return chosen, rejected, (pc - rc) - (pr - rr), m
 
 
 def dpo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, ref_chosen_logps: Seq,
              ref_rejected_logps: Seq, *, beta: float = 0.1, pair_mask: Seq | None = None
              ) -> LossOut:
     """DPO sigmoid loss ``-log sigmoid(beta h)``; see the module table for ``h``."""
-    c, r, h = _implicit(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                        ref_rejected_logps, beta)
-    return _finish(-jax.nn.log_sigmoid(beta * h), c, r, pair_mask)
+    c, r, h, m = _implicit(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                           ref_rejected_logps, beta, pair_mask)
+    return _finish(-jax.nn.log_sigmoid(beta * h), c, r, m)
 
 
 def cdpo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, ref_chosen_logps: Seq,
@@ -76,11 +88,11 @@ def cdpo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, ref_chosen_l
     """Conservative (label-smoothed) DPO: labels flipped with probability ``label_smoothing``."""
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
-    c, r, h = _implicit(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                        ref_rejected_logps, beta)
+    c, r, h, m = _implicit(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                           ref_rejected_logps, beta, pair_mask)
     e = label_smoothing
     per = -(1 - e) * jax.nn.log_sigmoid(beta * h) - e * jax.nn.log_sigmoid(-beta * h)
-    return _finish(per, c, r, pair_mask)
+    return _finish(per, c, r, m)
 
 
 def robust_dpo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, ref_chosen_logps: Seq,
@@ -89,11 +101,11 @@ def robust_dpo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, ref_ch
     """Robust DPO: unbiased under preference noise of rate ``label_smoothing`` (< 0.5)."""
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    c, r, h = _implicit(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                        ref_rejected_logps, beta)
+    c, r, h, m = _implicit(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                           ref_rejected_logps, beta, pair_mask)
     e = label_smoothing
     per = (-(1 - e) * jax.nn.log_sigmoid(beta * h) + e * jax.nn.log_sigmoid(-beta * h)) / (1 - 2 * e)
-    return _finish(per, c, r, pair_mask)
+    return _finish(per, c, r, m)
 
 
 def ipo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, ref_chosen_logps: Seq,
@@ -103,25 +115,25 @@ def ipo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, ref_chosen_lo
 
     Pass length-normalised log-probs to get TRL's ``ipo`` variant.
     """
-    c, r, h = _implicit(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                        ref_rejected_logps, beta)
-    return _finish(jnp.square(h - 1.0 / (2.0 * beta)), c, r, pair_mask)
+    c, r, h, m = _implicit(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                           ref_rejected_logps, beta, pair_mask)
+    return _finish(jnp.square(h - 1.0 / (2.0 * beta)), c, r, m)
 
 
 def _avg(logps, lengths):
-    lp, n = _f32(logps, lengths)
-    return lp / jnp.maximum(n, 1.0)
+    """Length-normalised log-prob ``logp / max(|y|, 1)``."""
+    return logps / jnp.maximum(lengths, 1.0)
 
 
 def simpo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, chosen_lengths: Seq,
                rejected_lengths: Seq, *, beta: float = 2.0, gamma: float = 0.5,
                pair_mask: Seq | None = None) -> LossOut:
     """SimPO: length-normalised, reference-free; rewards are ``beta * logp / |y|``."""
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    c = beta * _avg(policy_chosen_logps, chosen_lengths)
-    r = beta * _avg(policy_rejected_logps, rejected_lengths)
-    return _finish(-jax.nn.log_sigmoid(c - r - gamma), c, r, pair_mask)
+    _check_beta(beta)
+    m, (pc, pr, nc, nr) = _inputs(pair_mask, policy_chosen_logps, policy_rejected_logps,
+                                  chosen_lengths, rejected_lengths)
+    c, r = beta * _avg(pc, nc), beta * _avg(pr, nr)
+    return _finish(-jax.nn.log_sigmoid(c - r - gamma), c, r, m)
 
 
 def _log1mexp(x: jax.Array) -> jax.Array:
@@ -142,12 +154,15 @@ def orpo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, chosen_lengt
     ``L = -logp_c / |y_c| - lam log sigmoid(log odds_c - log odds_r)``. Rewards are
     ``lam * logp / |y|`` (as TRL reports them).
     """
-    ac = _avg(policy_chosen_logps, chosen_lengths)
-    ar = _avg(policy_rejected_logps, rejected_lengths)
+    if not lam >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    m, (pc, pr, nc, nr) = _inputs(pair_mask, policy_chosen_logps, policy_rejected_logps,
+                                  chosen_lengths, rejected_lengths)
+    ac, ar = _avg(pc, nc), _avg(pr, nr)
     log_odds = (ac - _log1mexp(ac)) - (ar - _log1mexp(ar))
     odds_term = -jax.nn.log_sigmoid(log_odds)
     per = -ac + lam * odds_term
-    return _finish(per, lam * ac, lam * ar, pair_mask,
+    return _finish(per, lam * ac, lam * ar, m,
                    {"nll": -ac, "log_odds_ratio": log_odds, "odds_ratio_loss": odds_term})
 
 
