@@ -1,0 +1,13 @@
+"""Jitted, KV-cached sampling from a ``models.Model``."""
+
+from rlhf_jax.sampling.sampler import (
+    SampleOutput,
+    SamplingConfig,
+    bucket_length,
+    filter_logits,
+    make_sampler,
+    pad_prompts,
+)
+
+__all__ = ["SampleOutput", "SamplingConfig", "bucket_length", "filter_logits", "make_sampler",
+           "pad_prompts"]

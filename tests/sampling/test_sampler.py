@@ -1,0 +1,164 @@
+"""The jitted KV-cached sampler: log-prob agreement with the trainer, greedy correctness,
+per-row RNG, EOS handling, n samples per prompt, filtering and shape bucketing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import ops
+from rlhf_jax.models import ModelConfig, init_model
+from rlhf_jax.sampling import (
+    SamplingConfig,
+    bucket_length,
+    filter_logits,
+    make_sampler,
+    pad_prompts,
+)
+
+CFG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=2)
+PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [11]]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return init_model(CFG, jax.random.PRNGKey(0))
+
+
+def _recomputed_logprobs(model, params, out, temperature):
+    full = jnp.concatenate([out.prompt_tokens, out.tokens], axis=1)
+    mask = jnp.concatenate([out.prompt_mask, out.mask], axis=1)
+    hidden = jax.jit(model.apply)(params, full, attention_mask=mask).hidden
+    p = out.prompt_tokens.shape[1]
+    logits = model.logits(params, hidden[:, p - 1:-1])
+    return ops.token_logprobs(logits, out.tokens, temperature=temperature)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=10),
+                                dict(temperature=1.3, top_p=0.8, n=2)])
+def test_sampler_logprobs_equal_trainer_recomputation(toy, kw):
+    model, params = toy
+    cfg = SamplingConfig(max_new_tokens=12, eos_ids=(0,), pad_id=0, **kw)
+    tokens, mask = pad_prompts(PROMPTS, pad_id=0)
+    out = make_sampler(model, cfg)(params, tokens, mask, jax.random.PRNGKey(3))
+    lp = _recomputed_logprobs(model, params, out, cfg.temperature)
+    diff = jnp.where(out.mask, lp - out.logprobs, 0.0)
+    assert float(jnp.abs(diff).max()) < 1e-5
+    assert np.all(np.asarray(out.logprobs)[~np.asarray(out.mask)] == 0)
+
+
+def test_greedy_equals_argmax_of_full_forward(toy):
+    model, params = toy
+    cfg = SamplingConfig(max_new_tokens=8, eos_ids=(60,), pad_id=0, temperature=0.0)
+    tokens, mask = pad_prompts(PROMPTS[:2], pad_id=0)
+    out = make_sampler(model, cfg)(params, tokens, mask, jax.random.PRNGKey(0))
+    seq, seq_mask = jnp.asarray(tokens), jnp.asarray(mask)
+    fwd = jax.jit(model.apply)
+    for _ in range(8):  # naive decoding without a cache
+        logits = model.logits(params, fwd(params, seq, attention_mask=seq_mask).hidden[:, -1:])
+        nxt = jnp.argmax(logits[:, 0], axis=-1)
+        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+        seq_mask = jnp.concatenate([seq_mask, jnp.ones((2, 1), bool)], axis=1)
+    expected = np.asarray(seq[:, tokens.shape[1]:])
+    got = np.asarray(out.tokens)
+    for r in range(2):  # equal up to and including the first EOS (none expected here)
+        n = int(out.mask[r].sum())
+        np.testing.assert_array_equal(got[r, :n], expected[r, :n])
+
+
+def test_top_k_one_is_greedy(toy):
+    model, params = toy
+    tokens, mask = pad_prompts(PROMPTS, pad_id=0)
+    greedy = make_sampler(model, SamplingConfig(max_new_tokens=6, eos_ids=(60,), pad_id=0,
+                                                temperature=0.0))(params, tokens, mask,
+                                                                  jax.random.PRNGKey(0))
+    top1 = make_sampler(model, SamplingConfig(max_new_tokens=6, eos_ids=(60,), pad_id=0,
+                                              temperature=1.0, top_k=1))(params, tokens, mask,
+                                                                         jax.random.PRNGKey(9))
+    np.testing.assert_array_equal(np.asarray(greedy.tokens), np.asarray(top1.tokens))
+
+
+def test_row_sample_does_not_depend_on_other_rows(toy):
+    model, params = toy
+    cfg = SamplingConfig(max_new_tokens=10, eos_ids=(0,), pad_id=0)
+    sampler = make_sampler(model, cfg)
+    t3, m3 = pad_prompts(PROMPTS, pad_id=0)
+    t1, m1 = pad_prompts(PROMPTS[:1], pad_id=0)
+    a = sampler(params, t3, m3, jax.random.PRNGKey(5))
+    b = sampler(params, t1, m1, jax.random.PRNGKey(5))
+    np.testing.assert_array_equal(np.asarray(a.tokens[0]), np.asarray(b.tokens[0]))
+    c = sampler(params, t1, m1, jax.random.PRNGKey(6))
+    assert not np.array_equal(np.asarray(b.tokens), np.asarray(c.tokens))
+
+
+def test_eos_ends_rows_mask_includes_eos_and_pad_equals_eos(toy):
+    model, params = toy
+    # every id but 0 is an EOS, so each row ends at its first non-zero token
+    cfg = SamplingConfig(max_new_tokens=6, eos_ids=tuple(range(1, 61)), pad_id=1)
+    tokens, mask = pad_prompts(PROMPTS, pad_id=1)
+    out = make_sampler(model, cfg)(params, tokens, mask, jax.random.PRNGKey(0))
+    toks, m = np.asarray(out.tokens), np.asarray(out.mask)
+    for r in range(3):
+        first = int(np.argmax(toks[r] != 0)) if np.any(toks[r] != 0) else None
+        if first is None:
+            assert m[r].all() and out.truncated[r]
+        else:
+            assert m[r, :first + 1].all() and not m[r, first + 1:].any()
+            assert np.all(toks[r, first + 1:] == 1)  # pad == an EOS id, excluded by the mask
+            assert not out.truncated[r]
+
+
+def test_n_samples_per_prompt_layout(toy):
+    model, params = toy
+    cfg = SamplingConfig(max_new_tokens=5, eos_ids=(0,), pad_id=0, n=3)
+    tokens, mask = pad_prompts(PROMPTS[:2], pad_id=0)
+    out = make_sampler(model, cfg)(params, tokens, mask, jax.random.PRNGKey(1))
+    assert out.tokens.shape == (6, 5)
+    np.testing.assert_array_equal(np.asarray(out.prompt_tokens), np.repeat(tokens, 3, axis=0))
+    assert len({tuple(r) for r in np.asarray(out.tokens[:3])}) > 1  # samples differ
+
+
+def test_filter_logits_hand():
+    z = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    # top-p 0.7: 0.5 (mass before 0) and 0.3 (mass before 0.5 < 0.7) stay; 0.15 has 0.8 before
+    kept = np.asarray(filter_logits(z, top_k=None, top_p=0.7)) > -1e29
+    np.testing.assert_array_equal(kept, [[True, True, False, False]])
+    kept = np.asarray(filter_logits(z, top_k=3, top_p=None)) > -1e29
+    np.testing.assert_array_equal(kept, [[True, True, True, False]])
+    kept = np.asarray(filter_logits(z, top_k=3, top_p=0.4)) > -1e29
+    np.testing.assert_array_equal(kept, [[True, False, False, False]])
+
+
+def test_prompt_bucketing_compiles_once_per_bucket(toy):
+    model, params = toy
+    cfg = SamplingConfig(max_new_tokens=4, eos_ids=(0,), pad_id=0, temperature=0.5)
+    sampler = make_sampler(model, cfg)
+    before = sampler._cache_size()
+    for prompts in ([[1, 2]], [[1, 2, 3, 4, 5]], [[7] * 16]):
+        tokens, mask = pad_prompts(prompts, pad_id=0, buckets=(16, 32))
+        assert tokens.shape == (1, 16)
+        sampler(params, tokens, mask, jax.random.PRNGKey(0))
+    assert sampler._cache_size() - before == 1
+    assert bucket_length(17, (16, 32)) == 32
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        bucket_length(33, (16, 32))
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0),
+                                 dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5),
+                                 dict(eos_ids=())])
+def test_sampling_config_validation(bad):
+    kw = dict(max_new_tokens=4, eos_ids=(0,), pad_id=0) | bad
+    with pytest.raises(ValueError):
+        SamplingConfig(**kw)
+
+
+def test_pad_prompts_left_pads():
+    tokens, mask = pad_prompts([[4, 5], [6]], pad_id=9, buckets=(4,))
+    np.testing.assert_array_equal(tokens, [[9, 9, 4, 5], [9, 9, 9, 6]])
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [0, 0, 0, 1]])
+    with pytest.raises(ValueError, match="at least one token"):
+        pad_prompts([[1], []], pad_id=0)
