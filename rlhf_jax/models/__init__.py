@@ -1,0 +1,15 @@
+"""Decoder-only transformer (Llama / Qwen2 / Mistral) as a params pytree plus pure functions."""
+
+from rlhf_jax.models.config import FAMILIES, HEADS, PRESETS, ModelConfig, RopeScaling, get_preset
+from rlhf_jax.models.transformer import (
+    KVCache,
+    Model,
+    ModelOutput,
+    abstract_params,
+    init_model,
+)
+
+__all__ = [
+    "FAMILIES", "HEADS", "PRESETS", "ModelConfig", "RopeScaling", "get_preset",
+    "KVCache", "Model", "ModelOutput", "init_model", "abstract_params",
+]
