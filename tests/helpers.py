@@ -56,7 +56,7 @@ def mask_strategy(b: int, t: int):
 
 def float_array_strategy(shape, lo: float = -5.0, hi: float = 5.0):
     n = int(np.prod(shape))
-    return st.lists(st.floats(lo, hi, allow_nan=False, width=32), min_size=n, max_size=n).map(
+    return st.lists(st.floats(lo, hi, allow_nan=False, width=32, allow_subnormal=False), min_size=n, max_size=n).map(
         lambda x: np.asarray(x, np.float32).reshape(shape))
 
 

@@ -21,11 +21,11 @@ def mean_stat(x: jax.Array, mask: jax.Array) -> Mean:
 
 
 def max_stat(x: jax.Array, mask: jax.Array) -> Max:
-    return Max(jnp.max(jnp.where(mask, x, -jnp.inf)))
+    return Max(jnp.max(jnp.where(mask, x, -jnp.inf), initial=-jnp.inf))  # empty ok
 
 
 def min_stat(x: jax.Array, mask: jax.Array) -> Min:
-    return Min(jnp.min(jnp.where(mask, x, jnp.inf)))
+    return Min(jnp.min(jnp.where(mask, x, jnp.inf), initial=jnp.inf))
 
 
 def clean_log_ratio(a: jax.Array, b: jax.Array, mask: jax.Array, clamp: float) -> jax.Array:

@@ -104,7 +104,8 @@ def robust_dpo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, ref_ch
     c, r, h, m = _implicit(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                            ref_rejected_logps, beta, pair_mask)
     e = label_smoothing
-    per = (-(1 - e) * jax.nn.log_sigmoid(beta * h) + e * jax.nn.log_sigmoid(-beta * h)) / (1 - 2 * e)
+    per = (-(1 - e) * jax.nn.log_sigmoid(beta * h)
+           + e * jax.nn.log_sigmoid(-beta * h)) / (1 - 2 * e)
     return _finish(per, c, r, m)
 
 

@@ -39,10 +39,16 @@ def bradley_terry_loss(
       and rejected rewards and the mean margin ``r_c - r_r``.
     """
     rc = jnp.asarray(chosen_rewards, jnp.float32)
-    rr = jnp.asarray(rejected_rewards, jnp.float32)
     m = as_mask(pair_mask, rc.shape)
+    # Padding pairs may hold anything (inf, NaN): zero them *before* the loss ("double where"),
+    # or their NaN would leak into the gradient through the zero cotangent of masked_sum.
+    rc = jnp.where(m, rc, 0.0)
+    rr = jnp.where(m, jnp.asarray(rejected_rewards, jnp.float32), 0.0)
     diff = rc - rr
-    logits = diff if margin is None else diff - jnp.asarray(margin, jnp.float32)
+    if margin is not None:
+        logits = diff - jnp.where(m, jnp.asarray(margin, jnp.float32), 0.0)
+    else:
+        logits = diff
     per_pair = -jax.nn.log_sigmoid(logits)
     if center_coef:
         per_pair = per_pair + center_coef * jnp.square(rc + rr)

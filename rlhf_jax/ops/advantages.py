@@ -102,6 +102,17 @@ def _groups(rewards: jax.Array, group_size: int) -> jax.Array:
     return rewards.reshape(-1, group_size)  # [N, G]
 
 
+def _centred(r: jax.Array) -> jax.Array:
+    """``r - mean_g(r)`` per group, computed on offsets from the group's first reward.
+
+    Subtracting ``r[:, :1]`` first makes a group of identical rewards give offsets of exactly 0
+    (a float32 mean of ``G`` copies of ``c`` need not equal ``c``: for ``c = 123.456``, ``G = 3``
+    the naive ``r - mean`` is ~8e-6, which the std normalisation then blows up to ~0.7).
+    """
+    d = r - r[:, :1]  # [N, G]; exactly 0 for identical rewards
+    return d - jnp.mean(d, axis=-1, keepdims=True)
+
+
 def group_advantages(
     rewards: Float[Array, "B"],
     *,
@@ -117,10 +128,12 @@ def group_advantages(
     is the unbiased std (as TRL). A group of identical rewards gets advantages of exactly 0.
     """
     r = _groups(rewards, group_size)  # [N, G]
-    centred = r - jnp.mean(r, axis=-1, keepdims=True)
+    centred = _centred(r)  # [N, G]
     if scale_by_std:
         var = jnp.sum(jnp.square(centred), axis=-1, keepdims=True) / (group_size - std_ddof)
-        centred = centred / (jnp.sqrt(var) + eps)
+        pos = var > 0
+        std = jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1.0)), 0.0)  # double where: no NaN grad
+        centred = centred / (std + eps)
     return centred.reshape(-1)
 
 
@@ -130,8 +143,9 @@ def rloo_advantages(rewards: Float[Array, "B"], *, group_size: int) -> Float[Arr
     ``A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j = G / (G - 1) * (r_i - mean_g(r))``.
     """
     r = _groups(rewards, group_size)
-    loo = (jnp.sum(r, axis=-1, keepdims=True) - r) / (group_size - 1)
-    return (r - loo).reshape(-1)
+    d = r - r[:, :1]  # [N, G]; offsets keep identical rewards at exactly 0 (see _centred)
+    loo = (jnp.sum(d, axis=-1, keepdims=True) - d) / (group_size - 1)
+    return (d - loo).reshape(-1)
 
 
 def reinforce_pp_advantages(

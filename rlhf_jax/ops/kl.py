@@ -111,5 +111,9 @@ def generalized_jsd_from_logits(
         raise ValueError(f"beta must be in (0, 1), got {beta}")
     lp = jax.nn.log_softmax(p_logits.astype(jnp.float32) / temperature, axis=-1)
     lq = jax.nn.log_softmax(q_logits.astype(jnp.float32) / temperature, axis=-1)
-    lm = jnp.logaddexp(lp + jnp.log(beta), lq + jnp.log1p(-beta))
+    # log M; where both P and Q are masked to -inf, logaddexp(-inf, -inf) has a NaN gradient,
+    # so those entries are computed on zeros and set to -inf (the "double where").
+    live = jnp.maximum(lp, lq) > -jnp.inf
+    a, b = jnp.where(live, lp, 0.0), jnp.where(live, lq, 0.0)
+    lm = jnp.where(live, jnp.logaddexp(a + jnp.log(beta), b + jnp.log1p(-beta)), -jnp.inf)
     return beta * _plogp_ratio(lp, lm) + (1.0 - beta) * _plogp_ratio(lq, lm)

@@ -3,9 +3,10 @@
 Plain forms take logits ``[B, T, V]``. The chunked forms take the final hidden states
 ``[B, T, D]`` and the unembedding matrix ``[D, V]`` and never build the ``[B, T, V]`` logits:
 they scan over sequence chunks and, inside each, over vocabulary chunks with an online
-log-sum-exp, re-materialising each chunk in the backward pass. Peak memory is
-``O(B * chunk_t * chunk_v)`` instead of ``O(B * T * V)`` (measured by
-``benchmarks/logprob_memory.py`` and asserted from XLA's memory analysis in the tests).
+log-sum-exp. A custom VJP recomputes each logit chunk in the backward pass and accumulates the
+gradients in place, so the temporary memory is ``O(B * chunk_t * chunk_v)`` in value and gradient
+instead of ``O(B * T * V)``, and no padded or transposed copy of ``hidden`` or ``unembed`` is made
+(measured by ``benchmarks/logprob_memory.py``; asserted from XLA's memory analysis in the tests).
 
 All arithmetic is float32 whatever the input dtype. log pi(y) = z_y - logsumexp(z): we gather
 the target logit and subtract the log-sum-exp rather than materialising a full log-softmax.
@@ -13,11 +14,14 @@ the target logit and subtract the log-sum-exp rather than materialising a full l
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
-_NEG = -1e30  # finite "minus infinity" for padded vocabulary columns (keeps exp and grads finite)
+_NEG = -1e30  # finite "minus infinity" for skipped vocabulary columns (keeps exp and grads finite)
 
 
 def _scaled(logits: jax.Array, temperature: float) -> jax.Array:
@@ -48,62 +52,133 @@ def entropy_from_logits(
 ) -> Float[Array, "B T"]:
     """Entropy of ``softmax(logits / temperature)`` per position, in nats.
 
-    Formula: ``H = logsumexp(z) - sum_v softmax(z)_v z_v``.
+    Formula: ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` with ``0 * (-inf) = 0``, so logits
+    masked to ``-inf`` (top-k, banned tokens) give a finite entropy and finite gradients.
     """
     z = _scaled(logits, temperature)
     lse = jax.nn.logsumexp(z, axis=-1)
     p = jax.nn.softmax(z, axis=-1)
-    return lse - jnp.sum(p * z, axis=-1)
+    live = p > 0
+    pz = jnp.where(live, p * jnp.where(live, z, 0.0), 0.0)  # double where: no NaN gradient
+    return lse - jnp.sum(pz, axis=-1)
 
 
-def _pad_axis(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
-    pad = (-x.shape[axis]) % multiple
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
+def _span(n: int, chunk: int, i: jax.Array):
+    """Chunk ``i`` of ``ceil(n / chunk)``: the last is shifted left to fit inside ``n``.
+
+    Returns ``(start, new)``: the slice start and a ``[chunk]`` mask of positions not covered by
+    an earlier chunk (so chunk sizes need not divide ``n`` and nothing is counted twice).
+    """
+    off = i * chunk
+    start = jnp.minimum(off, n - chunk)
+    return start, (start + jnp.arange(chunk)) >= off
 
 
-def _online_stats(h: jax.Array, w: jax.Array, chunk_v: int, temperature: float):
-    """Online (max, sum exp, sum exp*z) over vocabulary chunks for hidden chunk ``h`` [B, t, D]."""
-    d, v = w.shape
-    wp = _pad_axis(w, 1, chunk_v)  # [D, Vp]
-    n_chunks = wp.shape[1] // chunk_v
-    w_chunks = wp.reshape(d, n_chunks, chunk_v).transpose(1, 0, 2)  # [C, D, chunk_v]
-    offsets = jnp.arange(n_chunks) * chunk_v
+def _logits(h: jax.Array, w: jax.Array, temperature: float) -> jax.Array:
+    z = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)  # [B, t, v]
+    return z.astype(jnp.float32) / temperature
 
-    def body(carry, xs):
-        m, s, t = carry  # [B, t] running max, sum exp(z - m), sum exp(z - m) * z
-        wc, off = xs
-        z = jnp.einsum("btd,dv->btv", h, wc, preferred_element_type=jnp.float32)
-        z = z.astype(jnp.float32) / temperature
-        valid = (off + jnp.arange(chunk_v)) < v
-        z = jnp.where(valid, z, _NEG)
+
+def _chunk_stats(h, w, chunk_v: int, temperature: float):
+    """Online (max, sum exp(z - m), sum exp(z - m) z) over vocabulary chunks of ``h`` [B, t, D]."""
+    v = w.shape[1]
+
+    def body(i, carry):
+        m, s, u = carry  # [B, t] each
+        start, new = _span(v, chunk_v, i)
+        z = _logits(h, jax.lax.dynamic_slice_in_dim(w, start, chunk_v, axis=1), temperature)
+        z = jnp.where(new, z, _NEG)  # [B, t, cv]
         m_new = jnp.maximum(m, jnp.max(z, axis=-1))
         scale = jnp.exp(m - m_new)
         e = jnp.exp(z - m_new[..., None])
-        ez = jnp.where(valid, e * z, 0.0)
-        return (m_new, s * scale + e.sum(-1), t * scale + ez.sum(-1)), None
+        ez = jnp.where(new, e * z, 0.0)
+        return m_new, s * scale + e.sum(-1), u * scale + ez.sum(-1)
 
-    b, tt = h.shape[:2]
-    init = (jnp.full((b, tt), _NEG, jnp.float32), jnp.zeros((b, tt)), jnp.zeros((b, tt)))
-    (m, s, t), _ = jax.lax.scan(jax.checkpoint(body), init, (w_chunks, offsets))
-    return m, s, t
+    shape = h.shape[:2]
+    init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape), jnp.zeros(shape))
+    return jax.lax.fori_loop(0, -(-v // chunk_v), body, init)
 
 
-def _chunk_over_time(fn, h: jax.Array, extra: jax.Array | None, chunk_t: int) -> jax.Array:
-    b, t = h.shape[:2]
-    hp = _pad_axis(h, 1, chunk_t)
-    n = hp.shape[1] // chunk_t
-    h_chunks = hp.reshape(b, n, chunk_t, h.shape[-1]).transpose(1, 0, 2, 3)  # [C, B, t, D]
-    if extra is None:
-        xs = h_chunks
-        out = jax.lax.map(jax.checkpoint(fn), xs)
-    else:
-        e_chunks = _pad_axis(extra, 1, chunk_t).reshape(b, n, chunk_t).transpose(1, 0, 2)
-        out = jax.lax.map(jax.checkpoint(lambda a: fn(*a)), (h_chunks, e_chunks))
-    return out.transpose(1, 0, 2).reshape(b, n * chunk_t)[:, :t]  # [B, T]
+def _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v):
+    """Per position: ``lse = logsumexp(z)``, ``ez = E_softmax(z)[z]`` and the target logit."""
+    b, t, _ = hidden.shape
+
+    def body(i, outs):
+        start, _ = _span(t, chunk_t, i)
+        h = jax.lax.dynamic_slice_in_dim(hidden, start, chunk_t, axis=1)  # [B, ct, D]
+        y = jax.lax.dynamic_slice_in_dim(targets, start, chunk_t, axis=1)  # [B, ct]
+        m, s, u = _chunk_stats(h, unembed, chunk_v, temperature)
+        w_y = jnp.take(unembed, y, axis=1)  # [D, B, ct]
+        z_y = jnp.einsum("btd,dbt->bt", h, w_y, preferred_element_type=jnp.float32)
+        new = (m + jnp.log(s), u / s, z_y.astype(jnp.float32) / temperature)
+        return tuple(jax.lax.dynamic_update_slice_in_dim(o, n, start, axis=1)
+                     for o, n in zip(outs, new))
+
+    zeros = jnp.zeros((b, t), jnp.float32)
+    return jax.lax.fori_loop(0, -(-t // chunk_t), body, (zeros, zeros, zeros))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _chunked(hidden, unembed, targets, entropy, temperature, chunk_t, chunk_v):
+    lse, ez, z_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v)
+    return lse - ez if entropy else z_y - lse
+
+
+def _chunked_fwd(hidden, unembed, targets, entropy, temperature, chunk_t, chunk_v):
+    lse, ez, z_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v)
+    out = lse - ez if entropy else z_y - lse
+    return out, (hidden, unembed, targets, lse, ez)
+
+
+def _chunked_bwd(entropy, temperature, chunk_t, chunk_v, res, g):
+    """Recompute each logit chunk; ``dz = g (onehot(y) - p)`` or ``-g p (z - E[z])``, over T."""
+    hidden, unembed, targets, lse, ez = res
+    (b, t, d), v = hidden.shape, unembed.shape[1]
+    g = g.astype(jnp.float32)
+
+    def time_body(i, carry):
+        dh, dw = carry  # [B, T, D], [D, V] float32
+        start, new_t = _span(t, chunk_t, i)
+        sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start,
+                               slice_size=chunk_t, axis=1)
+        h, y, lse_c, ez_c = sl(hidden), sl(targets), sl(lse), sl(ez)
+        g_c = jnp.where(new_t, sl(g), 0.0) / temperature  # [B, ct]; overlap counted once
+
+        def vocab_body(j, inner):
+            dh_c, dw = inner
+            vs, new_v = _span(v, chunk_v, j)
+            w = jax.lax.dynamic_slice_in_dim(unembed, vs, chunk_v, axis=1)  # [D, cv]
+            z = _logits(h, w, temperature)  # [B, ct, cv]
+            p = jnp.where(new_v, jnp.exp(z - lse_c[..., None]), 0.0)
+            if entropy:
+                dz = -g_c[..., None] * p * (z - ez_c[..., None])
+            else:
+                hit = (vs + jnp.arange(chunk_v) == y[..., None]) & new_v
+                dz = g_c[..., None] * (hit.astype(jnp.float32) - p)
+            dh_c = dh_c + jnp.einsum("btv,dv->btd", dz, w, preferred_element_type=jnp.float32)
+            dw_c = jnp.einsum("btd,btv->dv", h, dz, preferred_element_type=jnp.float32)
+            old = jax.lax.dynamic_slice_in_dim(dw, vs, chunk_v, axis=1)
+            return dh_c, jax.lax.dynamic_update_slice_in_dim(dw, old + dw_c, vs, axis=1)
+
+        dh_c, dw = jax.lax.fori_loop(0, -(-v // chunk_v), vocab_body,
+                                     (jnp.zeros((b, chunk_t, d), jnp.float32), dw))
+        old = jax.lax.dynamic_slice_in_dim(dh, start, chunk_t, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(dh, old + dh_c, start, axis=1), dw
+
+    init = (jnp.zeros((b, t, d), jnp.float32), jnp.zeros((d, v), jnp.float32))
+    dh, dw = jax.lax.fori_loop(0, -(-t // chunk_t), time_body, init)
+    dy = np.zeros(targets.shape, jax.dtypes.float0)
+    return dh.astype(hidden.dtype), dw.astype(unembed.dtype), dy
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v) -> tuple[int, int]:
+    _scaled(jnp.zeros(()), temperature)  # validates temperature
+    if chunk_t < 1 or chunk_v < 1:
+        raise ValueError(f"chunk sizes must be >= 1, got chunk_t={chunk_t}, chunk_v={chunk_v}")
+    return min(chunk_t, hidden.shape[1]), min(chunk_v, unembed.shape[1])
 
 
 def chunked_token_logprobs(
@@ -121,15 +196,8 @@ def chunked_token_logprobs(
     log-sum-exp is accumulated online over vocabulary chunks (Milakov & Gimelshein, 2018).
     Chunk sizes need not divide ``T`` or ``V``.
     """
-    _scaled(jnp.zeros(()), temperature)  # validates temperature
-
-    def per_chunk(h, y):  # h [B, t, D], y [B, t]
-        m, s, _ = _online_stats(h, unembed, chunk_v, temperature)
-        w_y = jnp.take(unembed, y.astype(jnp.int32), axis=1)  # [D, B, t]
-        z_y = jnp.einsum("btd,dbt->bt", h, w_y, preferred_element_type=jnp.float32)
-        return z_y.astype(jnp.float32) / temperature - (m + jnp.log(s))
-
-    return _chunk_over_time(per_chunk, hidden, targets, chunk_t)
+    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v)
+    return _chunked(hidden, unembed, targets.astype(jnp.int32), False, float(temperature), ct, cv)
 
 
 def chunked_entropy(
@@ -145,10 +213,6 @@ def chunked_entropy(
     With ``m`` the running max, ``s = sum exp(z - m)`` and ``u = sum exp(z - m) z``:
     ``H = m + log s - u / s``.
     """
-    _scaled(jnp.zeros(()), temperature)
-
-    def per_chunk(h):
-        m, s, u = _online_stats(h, unembed, chunk_v, temperature)
-        return m + jnp.log(s) - u / s
-
-    return _chunk_over_time(per_chunk, hidden, None, chunk_t)
+    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v)
+    targets = jnp.zeros(hidden.shape[:2], jnp.int32)  # unused by the entropy
+    return _chunked(hidden, unembed, targets, True, float(temperature), ct, cv)
