@@ -13,3 +13,5 @@ __all__ = [
     "FAMILIES", "HEADS", "PRESETS", "ModelConfig", "RopeScaling", "get_preset",
     "KVCache", "Model", "ModelOutput", "init_model", "abstract_params",
 ]
+from rlhf_jax.models.hf import load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
+__all__ += ["load_hf_checkpoint", "save_hf_checkpoint"]

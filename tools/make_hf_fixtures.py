@@ -1,0 +1,116 @@
+"""Build the tiny Hugging Face checkpoints and reference outputs in ``tests/fixtures/hf/``.
+
+Run with an interpreter that has torch and transformers (not needed by the tests themselves)::
+
+    /tmp/tvenv/bin/python tools/make_hf_fixtures.py
+
+Design choices, and why:
+- Each family is a random model built from a config with ``torch.manual_seed(0)``; nothing is
+  downloaded. The families cover the three import paths: Llama with ``llama3`` rope scaling and
+  tied embeddings, Qwen2 with its implicit q/k/v biases (untied, saved as several shards so the
+  ``model.safetensors.index.json`` path is exercised), Mistral with ``sliding_window=6``, shorter
+  than the 12-token test batch and the 40-token greedy run, so the window changes the outputs
+  (transformers 5 applies it in eager attention through ``create_sliding_window_causal_mask``).
+- Weights are rounded to bfloat16 and stored as bfloat16 to keep the fixtures small; the
+  references are computed in float32 from exactly those rounded weights (bf16 -> f32 is exact),
+  so the tests load with ``dtype="float32"`` and compare at 1e-4.
+- Positions for the left-padded row are ``cumsum(mask) - 1`` (what ``generate`` uses); a plain
+  forward call would otherwise give padding positions to real tokens.
+- The greedy reference is ``generate(do_sample=False)`` with the KV cache and EOS disabled, so
+  exactly 32 tokens come out. The smallest top-1/top-2 logit gap is printed: a near tie would
+  make exact token parity fragile.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import torch
+import transformers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hf"
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, dict(
+        rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16})),
+    "qwen2": (transformers.Qwen2Config, dict(
+        rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "mistral": (transformers.MistralConfig, dict(
+        rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+}
+SHARDED = {"qwen2": "100KB"}
+NEW_TOKENS = 32
+
+
+def build(family: str) -> transformers.PreTrainedModel:
+    config_cls, extra = FAMILIES[family]
+    config = config_cls(**COMMON, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                          dtype=torch.float32)
+    with torch.no_grad():  # larger-than-default weights so logits are not all near zero
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    return model.eval()
+
+
+def inputs() -> tuple[np.ndarray, np.ndarray]:
+    r = np.random.default_rng(0)
+    ids = r.integers(0, 256, size=(2, 12)).astype(np.int64)
+    mask = np.ones((2, 12), np.int64)
+    mask[1, :4] = 0  # row 1 is left-padded
+    ids[1, :4] = 0
+    return ids, mask
+
+
+def main() -> None:
+    for family in FAMILIES:
+        out = ROOT / family
+        shutil.rmtree(out, ignore_errors=True)
+        model = build(family)
+        ids, mask = inputs()
+        pos = np.maximum(np.cumsum(mask, axis=-1) - 1, 0)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                           position_ids=torch.tensor(pos)).logits.numpy().astype(np.float32)
+            prompt = torch.tensor(np.random.default_rng(1).integers(0, 256, size=(1, 8)))
+            gen = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                 eos_token_id=None, pad_token_id=0, use_cache=True)
+            new = gen[:, prompt.shape[1]:]
+            # Margin of each greedy choice, recomputed with a full (cache-free) forward.
+            full = model(gen).logits[0, prompt.shape[1] - 1:-1]
+            top2 = torch.topk(full, 2, dim=-1).values
+            gap = float((top2[:, 0] - top2[:, 1]).min())
+            agree = bool((full.argmax(-1) == new[0]).all())
+        model.to(torch.bfloat16).save_pretrained(
+            out, safe_serialization=True, max_shard_size=SHARDED.get(family, "50GB"))
+        np.savez(out / "reference.npz", input_ids=ids.astype(np.int32),
+                 attention_mask=mask.astype(np.int32), logits=logits,
+                 prompt=prompt.numpy().astype(np.int32), greedy=new.numpy().astype(np.int32))
+        (out / "generation_config.json").unlink(missing_ok=True)
+        size = sum(p.stat().st_size for p in out.iterdir())
+        files = sorted(p.name for p in out.iterdir())
+        print(f"{family}: {size / 1024:.0f} KiB {files}; greedy min top-2 gap {gap:.4f}; "
+              f"cache-free argmax agrees with generate: {agree}")
+        print(json.dumps({k: v for k, v in json.loads((out / 'config.json').read_text()).items()
+                          if 'rope' in k or 'slid' in k or 'tie' in k or k == 'dtype'}))
+
+
+if __name__ == "__main__":
+    main()
