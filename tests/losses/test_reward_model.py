@@ -146,8 +146,10 @@ def test_bradley_terry_loss_property_decreasing_in_margin(x, delta, eta):
     for i in range(B):
         lo = _bt(rc[i:i + 1], rr[i:i + 1], mg[i:i + 1], eta, ones)[0]
         hi = _bt(rc[i:i + 1] + delta, rr[i:i + 1] - delta, mg[i:i + 1], eta, ones)[0]
-        assert float(hi) <= float(lo)
-        if float(lo) > 1e-3:  # strictly, until float32 underflows the tail
+        # (r_c + d) + (r_r - d) != r_c + r_r in float32, so the centering term may move by a
+        # rounding error: allow that much; strictly lower only for the logistic term alone.
+        assert float(hi) <= float(lo) * (1 + 1e-5) + 1e-6
+        if eta == 0.0 and float(lo) > 1e-3:  # strictly, until float32 underflows the tail
             assert float(hi) < float(lo)
 
 

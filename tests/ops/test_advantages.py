@@ -388,8 +388,8 @@ def test_group_advantages_property_identical_rewards_exactly_zero(rew, scale, dd
     out = np.asarray(_group(rew, group_size=g, scale_by_std=scale, std_ddof=ddof))
     same = np.all(rew.reshape(-1, g) == rew.reshape(-1, g)[:, :1], axis=1)
     assert np.all(out.reshape(-1, g)[same] == 0.0), (rew, out)
-    # group mean is 0 for every group
-    _close(out.reshape(-1, g).mean(1), 0.0, atol=1e-3)
+    # group mean is 0 for every group, up to float32 rounding at the rewards' magnitude
+    _close(out.reshape(-1, g).mean(1), 0.0, atol=1e-3 + 1e-6 * g * float(np.abs(rew).max()))
 
 
 @given(rew=float_array_strategy((12,)), ddof=st.sampled_from([0, 1]))
