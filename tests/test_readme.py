@@ -37,6 +37,15 @@ def test_notebook_example_runs_without_heavy_imports(tmp_path):
     assert "DPO loss" in proc.stdout and "PPO loss" in proc.stdout
 
 
+def test_models_example_runs(tmp_path):
+    script = tmp_path / "models_example.py"
+    script.write_text(_block("models-example", "python"))
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "(8, 16)" in proc.stdout
+
+
 def test_ops_and_losses_import_alone(tmp_path):
     proc = _run_python("import rlhf_jax.ops, rlhf_jax.losses\n", tmp_path)
     assert proc.returncode == 0, proc.stderr
