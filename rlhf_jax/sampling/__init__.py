@@ -5,9 +5,10 @@ from rlhf_jax.sampling.sampler import (
     SamplingConfig,
     bucket_length,
     filter_logits,
+    inverse_cdf_sample,
     make_sampler,
     pad_prompts,
 )
 
-__all__ = ["SampleOutput", "SamplingConfig", "bucket_length", "filter_logits", "make_sampler",
+__all__ = ["SampleOutput", "SamplingConfig", "bucket_length", "filter_logits", "inverse_cdf_sample", "make_sampler",
            "pad_prompts"]
