@@ -1,0 +1,139 @@
+"""The step factory: ``step(state, batch) -> (state, metrics)``, jitted once per shape.
+
+A loss function for the trainer has the signature ``loss_fn(params, batch, key) ->
+(loss_sum, count, metrics)`` (the pure losses' contract). The step
+
+1. splits the batch into ``micro_batches`` along its leading axis and, in a ``lax.scan``, adds the
+   micro-batches' loss sums, counts, metric accumulators and *gradients of the sums*;
+2. divides once: ``grad = sum_i grad(loss_sum_i) / sum_i count_i``, which is exactly the gradient of
+   the whole batch's mean (gradient accumulation with no loss-scale drift);
+3. skips the update when the gradient or loss is non-finite: params and optimizer state come out
+   bitwise unchanged, ``skipped`` counts consecutive skips (the loop stops after too many);
+4. returns scalar metrics (``loss``, ``grad_norm``, ``learning_rate``, ``count``,
+   ``update_skipped`` plus the loss's own) computed on device.
+
+With a ``mesh`` the batch is sharded over its ``data`` axis and the state is replicated; the
+state buffers are donated so XLA updates them in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.ops.aggregation import safe_divide
+from rlhf_jax.ops.stats import compute_metrics, merge_metrics
+from rlhf_jax.parallel.mesh import batch_sharding, replicated
+from rlhf_jax.train.state import TrainState, step_key
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, jax.Array, dict]]
+
+
+def _split(batch, k: int):
+    def f(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={k}")
+        return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+    return jax.tree.map(f, batch)
+
+
+def accumulate(loss_fn: LossFn, params, batch, key, micro_batches: int):
+    """Sum of loss sums, counts, gradients and merged metrics over ``micro_batches`` slices."""
+    grad_fn = jax.grad(lambda p, b, k: (lambda o: (o[0], o))(loss_fn(p, b, k)), has_aux=True)
+    parts = _split(batch, micro_batches)
+    first = jax.tree.map(lambda x: x[0], parts)
+    grads, (total, count, metrics) = grad_fn(params, first, jax.random.fold_in(key, 0))
+    if micro_batches == 1:
+        return grads, total, count, metrics
+
+    def body(carry, xs):
+        g_acc, t_acc, c_acc, m_acc = carry
+        i, mb = xs
+        g, (t, c, m) = grad_fn(params, mb, jax.random.fold_in(key, i))
+        return (jax.tree.map(jnp.add, g_acc, g), t_acc + t, c_acc + c,
+                merge_metrics(m_acc, m)), None
+
+    rest = jax.tree.map(lambda x: x[1:], parts)
+    idx = jnp.arange(1, micro_batches)
+    (grads, total, count, metrics), _ = jax.lax.scan(body, (grads, total, count, metrics),
+                                                     (idx, rest))
+    return grads, total, count, metrics
+
+
+def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, grad_sums,
+                   loss_sum, count):
+    """Divide summed gradients by ``count`` once and apply them, unless anything is non-finite.
+
+    Returns ``(params, opt_state, loss, grad_norm, ok)``; when ``ok`` is False the params and
+    optimizer state come back bitwise unchanged (the update is skipped, not zeroed).
+    """
+    grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grad_sums)
+    loss = safe_divide(loss_sum, count)
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+    safe_grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+    updates, new_opt = optimizer.update(safe_grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa
+    return keep(new_params, params), keep(new_opt, opt_state), loss, grad_norm, ok
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+                    micro_batches: int = 1, mesh=None,
+                    learning_rate: optax.Schedule | None = None, frozen=None):
+    """Build the jitted training step (see the module docstring).
+
+    ``frozen``: a pytree of arrays the loss needs but never trains (a distillation teacher, a
+    reference model). It is passed to the compiled step as an argument, not captured as a
+    constant, and ``loss_fn`` is then called as ``loss_fn(params, batch, key, frozen)``.
+    """
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+
+    def step(state: TrainState, batch, frozen_args=None) -> tuple[TrainState, dict]:
+        fn = loss_fn if frozen is None else (
+            lambda p, b, k: loss_fn(p, b, k, frozen_args))
+        grads, total, count, metrics = accumulate(fn, state.params, batch,
+                                                  step_key(state), micro_batches)
+        params, opt_state, loss, grad_norm, ok = guarded_update(
+            optimizer, state.params, state.opt_state, grads, total, count)
+        new_state = state._replace(
+            step=state.step + 1, params=params, opt_state=opt_state,
+            skipped=jnp.where(ok, 0, state.skipped + 1).astype(jnp.int32))
+        out = {k: v for k, v in compute_metrics(metrics).items()}
+        out |= {"loss": loss, "grad_norm": grad_norm, "count": count,
+                "update_skipped": (~ok).astype(jnp.float32)}
+        if learning_rate is not None:
+            out["learning_rate"] = learning_rate(state.step)
+        return new_state, out
+
+    if mesh is None:
+        jitted = jax.jit(step, donate_argnums=(0,))
+    else:
+        rep = replicated(mesh)
+        shardings = (rep, batch_sharding(mesh)) + ((rep,) if frozen is not None else ())
+        jitted = jax.jit(step, in_shardings=shardings, out_shardings=(rep, rep),
+                         donate_argnums=(0,))
+        if frozen is not None:
+            frozen = jax.device_put(frozen, rep)
+    if frozen is None:
+        return jitted
+    return lambda state, batch: jitted(state, batch, frozen)
+
+
+def make_eval_step(loss_fn: LossFn, *, mesh=None):
+    """Jitted ``eval(params, batch, key) -> (loss_sum, count, metric accumulators)``.
+
+    The loop merges these over the eval set and divides once, so eval figures are exact means.
+    """
+    def evaluate(params, batch, key):
+        return loss_fn(params, batch, key)
+
+    if mesh is None:
+        return jax.jit(evaluate)
+    rep = replicated(mesh)
+    return jax.jit(evaluate, in_shardings=(rep, batch_sharding(mesh), rep), out_shardings=rep)
