@@ -1,15 +1,53 @@
-"""Data: tokenizers and chat templates (dataset readers and batching live beside them).
+"""Data: tokenizers and chat templates, JSONL readers, encoders, batching/packing, iteration.
 
 Nothing in ``rlhf_jax.ops`` or ``rlhf_jax.losses`` imports this package: the pure layer stays
 free of tokenizers, Jinja and file I/O.
 """
 
 from rlhf_jax.data._chat_template import CHATML_TEMPLATE
+from rlhf_jax.data.batching import (
+    pack_token_batch,
+    pad_token_batch,
+    preference_batch,
+    prompt_batch,
+)
+from rlhf_jax.data.encode import (
+    ON_OVERFLOW,
+    Encoded,
+    encode_preference,
+    encode_prompts,
+    encode_sft,
+)
+from rlhf_jax.data.iterator import BatchIterator
+from rlhf_jax.data.jsonl import (
+    FORMATS,
+    DataError,
+    Dataset,
+    detect_format,
+    load_jsonl,
+    write_jsonl,
+)
 from rlhf_jax.data.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, train_bpe_tokenizer
 
 __all__ = [
+    "BatchIterator",
     "CHATML_TEMPLATE",
     "DEFAULT_SPECIAL_TOKENS",
+    "DataError",
+    "Dataset",
+    "Encoded",
+    "FORMATS",
+    "ON_OVERFLOW",
     "Tokenizer",
+    "detect_format",
+    "encode_preference",
+    "encode_prompts",
+    "encode_sft",
+    "load_jsonl",
+    "pack_token_batch",
+    "pad_token_batch",
+    "preference_batch",
+    "prompt_batch",
     "train_bpe_tokenizer",
+    "write_jsonl",
 ]
