@@ -32,7 +32,8 @@ class Mean(NamedTuple):
 
 
 class Max(NamedTuple):
-    """A running maximum. Merges by ``max``."""
+    """A running maximum. Merges by ``max``; the empty accumulator holds ``-inf`` (the identity)
+    and computes to 0, like an empty ``Mean``, so an all-masked batch logs a finite number."""
 
     value: jax.Array
 
@@ -40,11 +41,12 @@ class Max(NamedTuple):
         return Max(jnp.maximum(self.value, other.value))
 
     def compute(self) -> jax.Array:
-        return self.value
+        return jnp.where(self.value == -jnp.inf, 0.0, self.value)
 
 
 class Min(NamedTuple):
-    """A running minimum. Merges by ``min``."""
+    """A running minimum. Merges by ``min``; the empty accumulator holds ``+inf`` (the identity)
+    and computes to 0, like an empty ``Mean``."""
 
     value: jax.Array
 
@@ -52,7 +54,7 @@ class Min(NamedTuple):
         return Min(jnp.minimum(self.value, other.value))
 
     def compute(self) -> jax.Array:
-        return self.value
+        return jnp.where(self.value == jnp.inf, 0.0, self.value)
 
 
 class ExplainedVariance(NamedTuple):

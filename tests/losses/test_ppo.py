@@ -108,7 +108,7 @@ def np_surrogate(logp, old, adv, mask, lo, hi, dual=None, clamp=20.0):
             rmax, rmin = max(rmax, r), min(rmin, r)
             n += 1
     s = {k: v / n if n else 0.0 for k, v in s.items()}
-    s["ratio_max"], s["ratio_min"] = rmax, rmin
+    s["ratio_max"], s["ratio_min"] = (rmax, rmin) if n else (0.0, 0.0)  # empty: 0, like a mean
     if dual is None:
         del s["dual_clip_frac"]
     return loss, s

@@ -95,12 +95,15 @@ def test_Max_hand():
     a, b = Max(jnp.float32(3.0)), Max(jnp.float32(7.0))
     assert float(a.merge(b).compute()) == 7.0 and float(b.merge(a).compute()) == 7.0
     assert float(a.merge(Max(jnp.float32(-jnp.inf))).compute()) == 3.0
+    # nothing seen at all (an all-masked batch) computes to 0, like an empty Mean
+    assert float(Max(jnp.float32(-jnp.inf)).compute()) == 0.0
 
 
 def test_Min_hand():
     a, b = Min(jnp.float32(3.0)), Min(jnp.float32(7.0))
     assert float(a.merge(b).compute()) == 3.0 and float(b.merge(a).compute()) == 3.0
     assert float(b.merge(Min(jnp.float32(jnp.inf))).compute()) == 7.0
+    assert float(Min(jnp.float32(jnp.inf)).compute()) == 0.0
 
 
 def test_Max_numpy():
