@@ -52,6 +52,8 @@ class LoopConfig:
     """Show a progress bar (stderr)."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
+    eval_at_start: bool = True
+    """Evaluate the initial state too (step 0, fresh runs only): the baseline of every curve."""
 
     def __post_init__(self):
         if self.total_steps < 1 or self.log_every < 1:
@@ -96,6 +98,20 @@ class _Ledger:
         self._f.close()
 
 
+def _truncate_metrics(path: str, resume_step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+    if not os.path.exists(path):
+        return
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
 def _mean_rows(rows: list[Mapping[str, Any]]) -> dict[str, float]:
     host = jax.device_get(rows)
     return {k: float(np.mean([r[k] for r in host])) for k in host[0]}
@@ -133,6 +149,7 @@ def train_loop(
         data.restore(meta["data"])
     start = int(state.step)
     ledger = _Ledger(os.path.join(run_dir, "ledger.tsv"), start)
+    _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start)
     jsonl = JsonlSink(os.path.join(run_dir, "metrics.jsonl"))
     tb = TensorBoardSink(os.path.join(run_dir, "tensorboard")) if cfg.tensorboard else None
     stop = {"sigterm": False}
@@ -151,6 +168,8 @@ def train_loop(
         ckpt.save(step, state, {"data": data.state(), "step": step}, force=True)
 
     try:
+        if eval_fn is not None and cfg.eval_at_start and start == 0:
+            log(0, dict(eval_fn(state)), "eval")
         for step in range(start, cfg.total_steps):
             batch = data.next()
             ledger.add(step, _batch_hash(batch))

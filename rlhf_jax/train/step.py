@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.ops.aggregation import safe_divide
-from rlhf_jax.ops.stats import compute_metrics, merge_metrics
+from rlhf_jax.ops.stats import Max, Min, compute_metrics, merge_metrics
 from rlhf_jax.parallel.mesh import batch_sharding, replicated
 from rlhf_jax.train.state import TrainState, step_key
 
@@ -62,6 +62,20 @@ def accumulate(loss_fn: LossFn, params, batch, key, micro_batches: int):
     (grads, total, count, metrics), _ = jax.lax.scan(body, (grads, total, count, metrics),
                                                      (idx, rest))
     return grads, total, count, metrics
+
+
+def merge_stacked_metrics(metrics: dict) -> dict:
+    """Merge metric accumulators stacked along a leading axis (the output of a ``lax.scan`` over
+    minibatches) into one each: additive ones (``Mean``, ``ExplainedVariance``) sum, ``Max`` and
+    ``Min`` reduce. Computing after this gives exact whole-update figures, not a mean of means."""
+    def merge(acc):
+        if isinstance(acc, Max):
+            return Max(jnp.max(acc.value, axis=0))
+        if isinstance(acc, Min):
+            return Min(jnp.min(acc.value, axis=0))
+        return type(acc)(*(jnp.sum(f, axis=0) for f in acc))
+
+    return {k: merge(v) for k, v in metrics.items()}
 
 
 def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, grad_sums,

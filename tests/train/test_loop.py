@@ -89,12 +89,13 @@ def test_straight_run_rows_ledger_and_events(straight):
     train = [r for r in rows if r["split"] == "train"]
     evals = [r for r in rows if r["split"] == "eval"]
     assert [r["step"] for r in train] == [2, 4, 6]
-    assert [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in evals] == [0, 3, 6]  # step 0: eval_at_start's baseline
     for r in train:
         assert math.isfinite(r["loss"]) and r["update_skipped"] == 0.0
         assert r["tokens_per_s"] > 0 and {"grad_norm", "count", "mse", "max_err"} <= r.keys()
     assert evals[-1]["loss"] == pytest.approx(eval_fn(state)["loss"], rel=1e-6)
-    assert evals[-1]["loss"] < evals[0]["loss"] < eval_fn(fresh_state())["loss"]  # it learns
+    assert evals[0]["loss"] == eval_fn(fresh_state())["loss"]  # the baseline is the initial state
+    assert evals[-1]["loss"] < evals[1]["loss"] < evals[0]["loss"]  # it learns
     disk = read_jsonl_metrics(os.path.join(run_dir, "metrics.jsonl"))
     assert [(r["step"], r["split"]) for r in disk] == [(r["step"], r["split"]) for r in rows]
     for r, d in zip(rows, disk):
@@ -125,7 +126,8 @@ def test_resume_after_clean_stop_is_bitwise(straight, tmp_path):
         assert r["loss"] == ref[(r["step"], r["split"])]
     disk = read_jsonl_metrics(os.path.join(run_dir, "metrics.jsonl"))
     assert [(r["step"], r["split"]) for r in disk] == [
-        (2, "train"), (3, "eval"), (4, "train"), (4, "eval"), (6, "train"), (6, "eval")]
+        (0, "eval"), (2, "train"), (3, "eval"), (4, "train"), (4, "eval"), (6, "train"),
+        (6, "eval")]  # step 0: the baseline eval of a fresh run (not repeated on resume)
     assert all(math.isfinite(r["loss"]) for r in disk)
     # calling again when the run is complete trains nothing and keeps the state
     again, rows = train_loop(cfg(N), run_dir=run_dir, state=fresh_state(), step_fn=STEP,
