@@ -1,4 +1,4 @@
-"""Meta-test: every public function of ops/ and losses/ has the four kinds of test (STYLE 12).
+"""Meta-test: every public function of ops/, losses/ and models.scoring has the four kinds of test (STYLE 12).
 
 Kinds are recognised by test-function names, ``test_<name>_<kind>...`` with kind one of
 ``hand`` (tiny case computed by hand), ``numpy`` (NumPy loop reference), ``property``
@@ -16,6 +16,7 @@ import pathlib
 import pytest
 
 import rlhf_jax.losses as losses
+import rlhf_jax.models.scoring as scoring
 import rlhf_jax.ops as ops
 
 KINDS = ("hand", "numpy", "property", "grad")
@@ -36,7 +37,7 @@ EXEMPT: dict[tuple[str, str], str] = {
 
 def public_functions() -> list[str]:
     names = []
-    for mod in (ops, losses):
+    for mod in (ops, losses, scoring):
         for name in mod.__all__:
             obj = getattr(mod, name)
             if inspect.isfunction(obj):

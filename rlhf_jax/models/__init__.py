@@ -7,11 +7,25 @@ from rlhf_jax.models.transformer import (
     ModelOutput,
     abstract_params,
     init_model,
+    model_for,
 )
 
 __all__ = [
     "FAMILIES", "HEADS", "PRESETS", "ModelConfig", "RopeScaling", "get_preset",
-    "KVCache", "Model", "ModelOutput", "init_model", "abstract_params",
+    "KVCache", "Model", "ModelOutput", "init_model", "model_for", "abstract_params",
 ]
 from rlhf_jax.models.hf import load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
 __all__ += ["load_hf_checkpoint", "save_hf_checkpoint"]
+from rlhf_jax.models.scoring import (  # noqa: E402
+    CompletionScores,
+    completion_values,
+    score_completions,
+    sequence_logprob_sums,
+    sequence_rewards,
+    token_batch_logits,
+    token_batch_logprobs,
+    token_batch_rewards,
+)
+__all__ += ["CompletionScores", "completion_values", "score_completions",
+            "sequence_logprob_sums", "sequence_rewards", "token_batch_logits",
+            "token_batch_logprobs", "token_batch_rewards"]

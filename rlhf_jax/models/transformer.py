@@ -269,6 +269,13 @@ def init_model(config: ModelConfig, key: jax.Array) -> tuple[Model, dict]:
     return Model(config, graphdef), nnx.to_pure_dict(state)
 
 
+def model_for(config: ModelConfig) -> Model:
+    """The pure-function wrapper for ``config`` without allocating parameters (for loaded
+    checkpoints, whose params come from disk)."""
+    module = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(params=0)))
+    return Model(config, nnx.split(module)[0])
+
+
 def abstract_params(config: ModelConfig) -> dict:
     """Shapes and dtypes of the params (``jax.ShapeDtypeStruct`` leaves), allocating nothing."""
     return jax.eval_shape(lambda k: init_model(config, k)[1], jax.random.PRNGKey(0))
