@@ -1,4 +1,4 @@
-"""Meta-test: every public function of ops/, losses/ and models.scoring has the four kinds of test (STYLE 12).
+"""Meta-test: every public function of ops, losses and models.scoring has four kinds of test.
 
 Kinds are recognised by test-function names, ``test_<name>_<kind>...`` with kind one of
 ``hand`` (tiny case computed by hand), ``numpy`` (NumPy loop reference), ``property``
