@@ -1,0 +1,190 @@
+"""What every pipeline shares: model sources, run directories, meshes, exports, evaluation.
+
+A pipeline is a frozen config dataclass plus ``run(cfg)``. Stages hand models to each other as
+Hugging Face checkpoint directories (``<run>/model``: safetensors + ``tokenizer.json``), so any
+stage's output also loads in transformers, and any Hugging Face Llama/Qwen2/Mistral checkpoint
+can start any stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+
+from rlhf_jax.data import (Tokenizer, detect_format, encode_preference, encode_sft, load_jsonl,
+                           pack_token_batch, pad_token_batch, preference_batch)
+from rlhf_jax.models import ModelConfig, get_preset, init_model, load_hf_checkpoint, \
+    model_for, save_hf_checkpoint
+from rlhf_jax.ops.stats import compute_metrics, merge_metrics
+from rlhf_jax.parallel import data_parallel_mesh
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Where a stage's model comes from: a Hugging Face directory, or a preset initialised fresh."""
+
+    path: str | None = None
+    """A checkpoint directory (``config.json`` + safetensors), e.g. an earlier stage's
+    ``runs/<name>/model``. Takes precedence over ``preset``."""
+    preset: str = "toy-1m"
+    """A ``models.PRESETS`` name, used when ``path`` is None (``vocab_size`` follows the
+    tokenizer)."""
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """``ModelConfig`` fields replacing the preset's (e.g. ``{"num_layers": 2}``)."""
+    dtype: str | None = None
+    """Parameter and compute dtype override (``float32``, ``bfloat16``)."""
+
+
+def load_model(spec: ModelSpec, *, heads: tuple[str, ...], vocab_size: int, seed: int):
+    """``(Model, params)`` with exactly ``heads``; heads the checkpoint lacks start at zero."""
+    if spec.path is not None:
+        config, params = load_hf_checkpoint(spec.path, dtype=spec.dtype, heads=heads)
+        if config.vocab_size < vocab_size:
+            raise ValueError(f"model at {spec.path} has vocab_size {config.vocab_size} < the "
+                             f"tokenizer's {vocab_size}")
+        return model_for(config), params
+    extra = {"param_dtype": spec.dtype, "dtype": spec.dtype} if spec.dtype else {}
+    config = get_preset(spec.preset, vocab_size=vocab_size, heads=heads,
+                        **dict(spec.overrides), **extra)
+    return init_model(config, jax.random.PRNGKey(seed))
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def config_dict(cfg) -> dict:
+    """A config dataclass as plain JSON-able data."""
+    return _jsonable(cfg)
+
+
+def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = ("loop",)) -> str:
+    """Create ``output_dir`` and write ``config.json``; refuse to resume under another config.
+
+    A restarted run (same directory) must use the same config except for the fields in
+    ``ignore`` (by default the loop settings, so a finished run can be extended).
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "config.json")
+    new = {"kind": type(cfg).__name__} | config_dict(cfg)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = sorted(k for k in set(old) | set(new)
+                      if k not in ignore and old.get(k) != new.get(k))
+        if diff:
+            raise ValueError(f"{output_dir} holds a run with a different config (fields {diff}); "
+                             f"choose another output_dir or delete the old run")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(new, f, indent=2, sort_keys=False)
+    os.replace(tmp, path)
+    return output_dir
+
+
+def make_mesh(batch_size: int, *, enabled: bool = True):
+    """A data-parallel mesh over the local devices, or None on one device.
+
+    Raises when the batch does not split evenly over the devices (checked before compiling).
+    """
+    n = jax.local_device_count()
+    if not enabled or n == 1:
+        return None
+    if batch_size % n:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {n} local devices; "
+                         f"change batch_size or set data_parallel=False")
+    return data_parallel_mesh()
+
+
+def export_model(directory: str, config: ModelConfig, params, tokenizer: Tokenizer) -> str:
+    """Write params as a Hugging Face checkpoint plus the tokenizer files into ``directory``."""
+    save_hf_checkpoint(directory, config, jax.device_get(params))
+    tokenizer.save(directory)
+    return directory
+
+
+def evaluate(eval_step: Callable, params, batches: list, key) -> dict[str, float]:
+    """Exact means over ``batches``: loss sums and metric accumulators merged, divided once."""
+    total, count, acc = 0.0, 0.0, None
+    for i, batch in enumerate(batches):
+        t, c, m = eval_step(params, batch, jax.random.fold_in(key, i))
+        total, count = total + t, count + c
+        acc = m if acc is None else merge_metrics(acc, m)
+    out = {k: float(v) for k, v in jax.device_get(compute_metrics(acc)).items()}
+    out["loss"] = float(total / max(float(count), 1e-12))
+    return out
+
+
+def fixed_batches(data, batch_size: int) -> list:
+    """Split a pytree of arrays into consecutive full batches (for evaluation); drops the tail."""
+    n = len(jax.tree.leaves(data)[0])
+    if n < batch_size:
+        raise ValueError(f"evaluation set has {n} rows < batch size {batch_size}")
+    return [jax.tree.map(lambda x, s=s: np.asarray(x[s:s + batch_size]), data)
+            for s in range(0, n - batch_size + 1, batch_size)]
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_pairs(path: str, cfg, tokenizer: Tokenizer):
+    """Preference JSONL as a ``PreferenceBatch`` using ``cfg``'s ``max_prompt_length``,
+    ``max_length``, ``on_overflow`` and ``skip_invalid``."""
+    ds = load_jsonl(path, fmt="preference", skip_invalid=cfg.skip_invalid)
+    enc = encode_preference(ds, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                            max_length=cfg.max_length, on_overflow=cfg.on_overflow)
+    return preference_batch(enc.items, length=cfg.max_length, pad_id=tokenizer.pad_id)
+
+
+def sniff_format(path: str) -> str:
+    """The JSONL format of ``path`` from its first non-blank line (``load_jsonl`` then
+    validates every line and reports a malformed one precisely)."""
+    with open(path, "rb") as f:
+        first = next((ln for ln in f if ln.strip()), b"{}")
+    try:
+        return detect_format(json.loads(first))
+    except ValueError:
+        return "prompt_completion"
+
+
+def load_sft_batch(path: str, cfg, tokenizer: Tokenizer):
+    """``prompt``/``completion`` or ``messages`` JSONL as a ``TokenBatch`` (packed when
+    ``cfg.packing``) using ``cfg``'s ``max_length``, ``on_overflow`` and ``skip_invalid``."""
+    ds = load_jsonl(path, fmt=sniff_format(path), skip_invalid=cfg.skip_invalid)
+    enc = encode_sft(ds, tokenizer, max_length=cfg.max_length, on_overflow=cfg.on_overflow)
+    batch_fn = pack_token_batch if cfg.packing else pad_token_batch
+    return batch_fn(enc.items, length=cfg.max_length, pad_id=tokenizer.pad_id)
+
+
+def finish_run(run_dir: str, config: ModelConfig, params, tokenizer: Tokenizer, state,
+               **extra) -> dict:
+    """Export the trained model to ``run_dir/model`` and write ``result.json``: paths, the step,
+    and the last train and eval rows of ``metrics.jsonl`` (read from disk, so a stage that was
+    already complete and only resumed reports the same figures)."""
+    model_dir = export_model(os.path.join(run_dir, "model"), config, params, tokenizer)
+    rows = []
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    last = {split: next((r for r in reversed(rows) if r.get("split") == split), None)
+            for split in ("train", "eval")}
+    result = {"run_dir": run_dir, "model_dir": model_dir, "steps": int(state.step)} | last
+    result |= extra
+    write_json(os.path.join(run_dir, "result.json"), result)
+    return result

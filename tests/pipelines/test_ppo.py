@@ -1,0 +1,130 @@
+"""PPO: separate and shared critics, KL in the reward and in the loss, the adaptive controller,
+sampler/trainer agreement, exact resume, and config checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.models import load_hf_checkpoint
+from rlhf_jax.ops import adaptive_kl_update, kl_controller_init
+from rlhf_jax.pipelines import ModelSpec, ppo
+from rlhf_jax.train import OptimizerConfig
+from tests.pipelines.common import (assert_moved, assert_run_outputs, assert_states_equal,
+                                    read, train_rows)
+from tests.pipelines.conftest import loop
+
+OPT = OptimizerConfig(learning_rate=1e-3, schedule="constant", total_steps=4)
+
+
+def ppo_config(world, name: str, *, steps: int = 4, **kw) -> ppo.PPOConfig:
+    base = dict(prompts=world.pref["prompts"], tokenizer=world.tokenizer,
+                policy=ModelSpec(path=world.sft["model_dir"]),
+                reward_model=ModelSpec(path=world.rm["model_dir"]),
+                output_dir=os.path.join(world.root, name), max_prompt_length=24,
+                max_new_tokens=6, rollout_batch_size=8, ppo_epochs=1, num_minibatches=2,
+                optimizer=OPT, loop=loop(steps), data_parallel=False)
+    return ppo.PPOConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def adaptive(world):
+    """Separate critic, KL in the reward, adaptive controller: 4 steps straight."""
+    return ppo.run(ppo_config(world, "ppo_adaptive", kl_controller="adaptive", kl_target=0.5,
+                              kl_horizon=100.0, kl_coef=0.05))
+
+
+@pytest.fixture(scope="module")
+def shared(world):
+    """Value head on the policy, KL (k3) in the loss, fixed coefficient: 3 steps."""
+    return ppo.run(ppo_config(world, "ppo_shared", steps=3, value_model="shared",
+                              kl_mode="loss", kl_coef=0.1,
+                              optimizer=dataclasses.replace(OPT, total_steps=3)))
+
+
+def test_ppo_separate_critic_kl_in_reward(world, adaptive):
+    rows = assert_run_outputs(adaptive, steps=4, kind="PPOConfig")
+    _, init = load_hf_checkpoint(world.sft["model_dir"], heads=("lm",))
+    assert_moved(adaptive["model_dir"], init, heads=("lm",))
+    # the critic starts from the reward model and trains too
+    _, rm = load_hf_checkpoint(world.rm["model_dir"], heads=("value",))
+    critic = adaptive["state"].params["value"]
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(critic), jax.tree.leaves(rm)))
+    # step 1 samples from the reference itself: KL exactly 0, and with KL in the reward the
+    # non-score reward is -beta * KL
+    assert rows[0]["kl"] == 0.0 and rows[0]["non_score_reward"] == 0.0
+    for r in rows:
+        assert r["non_score_reward"] == pytest.approx(-r["kl_coef"] * r["kl"], rel=1e-5,
+                                                      abs=1e-9)
+        assert 0.0 <= r["truncated_frac"] <= 1.0 and 1.0 <= r["response_length"] <= 6.0
+        assert "kl_loss" not in r and "value_loss" in r and "policy/clip_frac" in r
+
+
+def test_ppo_adaptive_controller_moves_kl_coef(adaptive):
+    rows = train_rows(adaptive["run_dir"])
+    assert rows[0]["kl_coef"] == pytest.approx(0.05, rel=1e-7)
+    state = kl_controller_init(0.05)
+    for r, nxt in zip(rows, rows[1:] + [None]):
+        assert r["kl_coef"] == pytest.approx(float(state.kl_coef), rel=1e-6)
+        state = adaptive_kl_update(state, observed_kl=jnp.float32(r["kl"]), n_steps=8,
+                                   target=0.5, horizon=100.0)
+    # KL 0 < target at step 1: the coefficient shrinks by the clipped factor 1 - 0.2 * 8 / 100
+    assert rows[1]["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 8 / 100), rel=1e-6)
+    assert adaptive["kl_coef"] == pytest.approx(float(state.kl_coef), rel=1e-6)
+    assert adaptive["kl_coef"] < 0.05
+
+
+def test_ppo_shared_value_kl_in_loss(world, shared):
+    rows = assert_run_outputs(shared, steps=3, kind="PPOConfig")
+    _, init = load_hf_checkpoint(world.sft["model_dir"], heads=("lm", "value"))
+    assert_moved(shared["model_dir"], init, heads=("lm", "value"))
+    assert "value" not in shared["state"].params  # no separate critic
+    config, _ = load_hf_checkpoint(shared["model_dir"])
+    assert config.heads == ("lm", "value")
+    assert rows[0]["kl"] == 0.0  # the first rollout comes from the reference itself
+    for r in rows:
+        assert r["kl_loss"] >= 0.0  # k3 is non-negative per token
+        assert r["kl_coef"] == pytest.approx(0.1, rel=1e-7)  # fixed controller
+        assert r["non_score_reward"] == pytest.approx(-0.1 * r["kl"], rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("which", ["adaptive", "shared"])
+def test_ppo_sampler_and_trainer_logprobs_agree(which, request):
+    result = request.getfixturevalue(which)
+    diffs = [r["logprob_diff_sampler_trainer"] for r in train_rows(result["run_dir"])]
+    assert max(diffs) < 1e-4, diffs
+
+
+def test_ppo_exact_resume(world, adaptive):
+    cfg = ppo_config(world, "ppo_resumed", kl_controller="adaptive", kl_target=0.5,
+                     kl_horizon=100.0, kl_coef=0.05, loop=loop(2))
+    first = ppo.run(cfg)
+    assert first["steps"] == 2
+    second = ppo.run(dataclasses.replace(cfg, loop=loop(4)))
+    assert_states_equal(second["state"], adaptive["state"])  # params, Adam, KL coef, step, key
+    assert read(os.path.join(second["run_dir"], "ledger.tsv")) == read(
+        os.path.join(adaptive["run_dir"], "ledger.tsv"))
+    assert second["kl_coef"] == adaptive["kl_coef"]
+    a = [(r["score"], r["kl"], r["loss"]) for r in train_rows(second["run_dir"])]
+    b = [(r["score"], r["kl"], r["loss"]) for r in train_rows(adaptive["run_dir"])]
+    assert a == b
+
+
+def test_ppo_config_checks(world):
+    with pytest.raises(ValueError, match="rollout_batch_size 10 is not divisible by "
+                                         "num_minibatches 4"):
+        ppo_config(world, "x", rollout_batch_size=10, num_minibatches=4)
+    with pytest.raises(ValueError, match="value_model"):
+        ppo_config(world, "x", value_model="tied")
+    with pytest.raises(ValueError, match="kl_mode"):
+        ppo_config(world, "x", kl_mode="both")
+    with pytest.raises(ValueError, match="kl_controller"):
+        ppo_config(world, "x", kl_controller="pid")
+    with pytest.raises(ValueError, match="ppo_epochs"):
+        ppo_config(world, "x", ppo_epochs=0)
