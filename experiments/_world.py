@@ -1,0 +1,177 @@
+"""The preference-world stages the experiments share: data + tokenizer, SFT, reward model, and
+the (gold reward, KL) measurement of any policy checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import _common as common
+from experiments.tasks import preference_world as world
+from rlhf_jax.data import Tokenizer
+from rlhf_jax.models import score_completions
+from rlhf_jax.ops import kl_k1
+from rlhf_jax.pipelines import ModelSpec, ppo, reward_model, sft
+from rlhf_jax.pipelines.common import load_model
+from rlhf_jax.pipelines.rollouts import decode_completions, load_prompts
+from rlhf_jax.sampling import SamplingConfig, make_sampler
+from rlhf_jax.train import LoopConfig, OptimizerConfig
+
+MAX_PROMPT = 24
+"""Prompt bucket (tokens): the world's prompts are at most ~17 tokens with a 512-token BPE."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorldConfig:
+    """Fields every preference-world experiment shares (its config subclasses this)."""
+
+    name: str = "default"
+    runs_root: str = "runs"
+    seed: int = 0
+    n_sft: int = 2000
+    n_pref: int = 3000
+    n_prompts: int = 512
+    n_eval_prompts: int = 128
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    sft_steps: int = 300
+    sft_batch_size: int = 32
+    sft_lr: float = 2e-3
+    rm_steps: int = 300
+    rm_batch_size: int = 32
+    rm_lr: float = 5e-4
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    data_parallel: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOWorldConfig(WorldConfig):
+    """Adds the PPO stage's settings."""
+
+    ppo_steps: int = 80
+    rollout_batch_size: int = 64
+    ppo_epochs: int = 2
+    num_minibatches: int = 2
+    ppo_lr: float = 1e-4
+    kl_coef: float = 0.05
+    kl_controller: str = "fixed"
+    value_model: str = "separate"
+    missing_eos_penalty: float = 1.0
+    """Score penalty for completions that never emit EOS (keeps PPO from rambling)."""
+    eval_every: int = 10
+
+
+def prepare(cfg: WorldConfig) -> tuple[str, dict, dict, str]:
+    """``(run_dir, paths, stats, tokenizer_dir)``: the task's JSONL files and tokenizer."""
+    run_dir = os.path.join(cfg.runs_root, cfg.name)
+    common.save_config(run_dir, cfg)
+    data = world.write_datasets(os.path.join(run_dir, "data"), seed=cfg.seed, n_sft=cfg.n_sft,
+                                n_pref=cfg.n_pref, n_prompts=cfg.n_prompts,
+                                n_eval_prompts=cfg.n_eval_prompts)
+    tok = common.tokenizer_for(run_dir, world.corpus(cfg.seed), vocab_size=cfg.vocab_size)
+    return run_dir, data["paths"], data["stats"], tok
+
+
+def train_sft(cfg: WorldConfig, run_dir: str, paths: dict, tok: str, *,
+              train_data: str | None = None, stage: str = "sft",
+              model: ModelSpec | None = None) -> dict:
+    arch = common.model_overrides(cfg)
+    return sft.run(sft.SFTConfig(
+        train_data=train_data or paths["sft"], tokenizer=tok,
+        output_dir=os.path.join(run_dir, stage),
+        model=model or ModelSpec(preset="toy-1m", overrides=arch), max_length=48,
+        packing=True, batch_size=cfg.sft_batch_size, seed=cfg.seed,
+        data_parallel=cfg.data_parallel,
+        optimizer=OptimizerConfig(
+            learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
+            total_steps=cfg.sft_steps, weight_decay=0.01),
+        loop=LoopConfig(total_steps=cfg.sft_steps, log_every=10, save_every=cfg.sft_steps)))
+
+
+def train_rm(cfg: WorldConfig, run_dir: str, paths: dict, tok: str, sft_dir: str) -> dict:
+    return reward_model.run(reward_model.RewardModelConfig(
+        train_data=paths["preference"], eval_data=paths["preference_eval"], tokenizer=tok,
+        output_dir=os.path.join(run_dir, "reward_model"), model=ModelSpec(path=sft_dir),
+        max_prompt_length=MAX_PROMPT, max_length=56, batch_size=cfg.rm_batch_size,
+        seed=cfg.seed, data_parallel=cfg.data_parallel,
+        optimizer=OptimizerConfig(
+            learning_rate=cfg.rm_lr, warmup_steps=min(20, cfg.rm_steps // 10),
+            total_steps=cfg.rm_steps, weight_decay=0.01),
+        loop=LoopConfig(total_steps=cfg.rm_steps, log_every=10,
+                        eval_every=max(cfg.rm_steps // 3, 1), save_every=cfg.rm_steps)))
+
+
+def train_ppo(cfg: PPOWorldConfig, run_dir: str, paths: dict, tok: str, sft_dir: str,
+              rm_dir: str, *, kl_coef: float | None = None, stage: str = "ppo") -> dict:
+    steps = cfg.ppo_steps
+    return ppo.run(ppo.PPOConfig(
+        prompts=paths["prompts"], eval_prompts=paths["eval_prompts"], tokenizer=tok,
+        output_dir=os.path.join(run_dir, stage), policy=ModelSpec(path=sft_dir),
+        reward_model=ModelSpec(path=rm_dir), value_model=cfg.value_model,
+        max_prompt_length=MAX_PROMPT, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, rollout_batch_size=cfg.rollout_batch_size,
+        ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches,
+        kl_coef=cfg.kl_coef if kl_coef is None else kl_coef, kl_controller=cfg.kl_controller,
+        missing_eos_penalty=cfg.missing_eos_penalty,
+        seed=cfg.seed, data_parallel=cfg.data_parallel,
+        optimizer=OptimizerConfig(learning_rate=cfg.ppo_lr, schedule="constant",
+                                  total_steps=steps, max_grad_norm=1.0),
+        loop=LoopConfig(total_steps=steps, log_every=2, eval_every=cfg.eval_every,
+                        save_every=max(steps // 2, 1))),
+        eval_rewards={"gold": world.gold_reward})
+
+
+def policy_report(policy_dir: str, ref_dir: str, tok_dir: str, prompts_path: str, *,
+                  n: int, max_new_tokens: int, temperature: float, seed: int,
+                  rm_dir: str | None = None) -> dict:
+    """Sample ``n`` completions per prompt from ``policy_dir`` and report the mean gold reward,
+    the proxy reward (with ``rm_dir``), the mean per-sequence KL to ``ref_dir`` (k1, i.e. the
+    Monte-Carlo estimate of KL(policy || ref)) and the samples themselves."""
+    tok = Tokenizer.load(tok_dir)
+    prompts, rows = load_prompts(prompts_path, tok, max_prompt_length=MAX_PROMPT)
+    v = tok.vocab_size
+    policy, params = load_model(ModelSpec(path=policy_dir), heads=("lm",), vocab_size=v,
+                                seed=seed)
+    ref, ref_params = load_model(ModelSpec(path=ref_dir), heads=("lm",), vocab_size=v,
+                                 seed=seed)
+    sample = make_sampler(policy, SamplingConfig(max_new_tokens=max_new_tokens,
+                                                 eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                                                 temperature=temperature, n=n))
+    temp = temperature or 1.0
+
+    @jax.jit
+    def kl(pp, rp, *a):
+        lp = score_completions(policy, pp, *a, temperature=temp).logprobs
+        lr = score_completions(ref, rp, *a, temperature=temp).logprobs
+        return jnp.sum(jnp.where(a[3], kl_k1(lp, lr), 0.0), axis=-1)
+
+    rm_fn = None
+    if rm_dir is not None:
+        from rlhf_jax.models import sequence_rewards
+
+        rm, rm_params = load_model(ModelSpec(path=rm_dir), heads=("reward",), vocab_size=v,
+                                   seed=seed)
+        rm_fn = jax.jit(lambda *a: sequence_rewards(rm, rm_params, *a))
+    out = sample(params, prompts.tokens, prompts.mask, jax.random.PRNGKey(seed))
+    args = (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
+    texts = decode_completions(tok, out.tokens, out.mask)
+    rep = [rows[i // n] for i in range(len(texts))]
+    gold = np.asarray([world.gold_score(r["prompt"], t) for r, t in zip(rep, texts)])
+    report = {"gold": float(gold.mean()), "kl": float(np.asarray(kl(params, ref_params,
+                                                                     *args)).mean()),
+              "length": float(np.asarray(out.mask).sum(-1).mean())}
+    if rm_fn is not None:
+        report["proxy"] = float(np.asarray(rm_fn(*args)).mean())
+    report["rows"] = rows
+    report["texts"] = [texts[i * n:(i + 1) * n] for i in range(len(rows))]
+    report["gold_per_sample"] = gold
+    return report
