@@ -80,16 +80,22 @@ def _batch_hash(batch) -> str:
 
 
 class _Ledger:
-    """``ledger.tsv``: one ``step<TAB>batch hash`` line per step; truncated on resume."""
+    """``ledger.tsv``: one ``step<TAB>batch hash`` line per step; truncated on resume.
+
+    Line-buffered, so a process killed at any moment (SIGKILL, OOM) has every line of the
+    steps it ran on disk; the truncation writes a new file and renames it over the old one.
+    """
 
     def __init__(self, path: str, resume_step: int):
         lines = []
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 lines = [ln for ln in f if ln.strip() and int(ln.split("\t")[0]) < resume_step]
-        with open(path, "w", encoding="utf-8") as f:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(lines)
-        self._f = open(path, "a", encoding="utf-8")
+        os.replace(tmp, path)
+        self._f = open(path, "a", encoding="utf-8", buffering=1)
 
     def add(self, step: int, digest: str) -> None:
         self._f.write(f"{step}\t{digest}\n")
@@ -179,8 +185,8 @@ def train_loop(
             if int(state.skipped) >= cfg.max_consecutive_skips:
                 raise NonFiniteError(
                     f"{int(state.skipped)} consecutive steps had non-finite gradients (last at "
-                    f"step {step}); params were left unchanged. Lower the learning rate or check "
-                    f"the data. Last good checkpoint: {ckpt.latest_step()}")
+                    f"step {step + 1}); params were left unchanged. Lower the learning rate or "
+                    f"check the data. Last good checkpoint: {ckpt.latest_step()}")
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.total_steps:
                 row = _mean_rows(pending)
