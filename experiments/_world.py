@@ -33,7 +33,7 @@ class WorldConfig:
     runs_root: str = "runs"
     seed: int = 0
     n_sft: int = 2000
-    n_pref: int = 3000
+    n_pref: int = 8000
     n_prompts: int = 512
     n_eval_prompts: int = 128
     vocab_size: int = 512
@@ -42,10 +42,10 @@ class WorldConfig:
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
-    sft_steps: int = 300
+    sft_steps: int = 500
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
-    rm_steps: int = 300
+    rm_steps: int = 500
     rm_batch_size: int = 32
     rm_lr: float = 5e-4
     max_new_tokens: int = 20
@@ -62,7 +62,7 @@ class PPOWorldConfig(WorldConfig):
     ppo_epochs: int = 2
     num_minibatches: int = 2
     ppo_lr: float = 1e-4
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     kl_controller: str = "fixed"
     value_model: str = "separate"
     missing_eos_penalty: float = 1.0

@@ -24,10 +24,10 @@ from rlhf_jax.train import LoopConfig, OptimizerConfig, plots
 class Config(WorldConfig):
     name: str = "dpo_preference"
     loss: str = "sigmoid"
-    beta: float = 0.1
-    dpo_steps: int = 200
+    beta: float = 0.3
+    dpo_steps: int = 150
     dpo_batch_size: int = 32
-    dpo_lr: float = 2e-4
+    dpo_lr: float = 5e-5
     win_rate_samples: int = 4
 
 

@@ -1,5 +1,6 @@
 """RL with verifiable rewards: SFT on noisy arithmetic (30% of the answers are wrong), then a
-GRPO-family variant rewarded by an exact-match verifier; greedy exact match before and after.
+GRPO-family variant rewarded by an exact-match verifier; exact match before and after, greedy and
+sampled, on held-out problems and on training prompts.
 
     python -m experiments.grpo_arithmetic
     python -m experiments.grpo_arithmetic variant=dr_grpo name=dr_grpo
@@ -31,10 +32,10 @@ class Config:
     name: str = "grpo_arithmetic"
     runs_root: str = "runs"
     seed: int = 0
-    max_operand: int = 20
+    max_operand: int = 9
     n_sft: int = 3000
     n_train: int = 2000
-    n_eval: int = 256
+    n_eval: int = 50
     wrong_fraction: float = 0.3
     vocab_size: int = 384
     hidden_size: int = 128
@@ -45,14 +46,14 @@ class Config:
     sft_steps: int = 400
     sft_lr: float = 2e-3
     variant: str = "grpo"
-    grpo_steps: int = 100
+    grpo_steps: int = 400
     prompts_per_step: int = 16
     group_size: int = 8
-    grpo_lr: float = 5e-5
+    grpo_lr: float = 2e-4
     kl_coef: float = 0.0
     max_new_tokens: int = 6
     temperature: float = 1.0
-    eval_every: int = 20
+    eval_every: int = 50
     data_parallel: bool = False
 
 
@@ -60,11 +61,13 @@ def get_config() -> Config:
     return Config()
 
 
-def greedy_exact_match(model_dir: str, tok: str, path: str, cfg: Config) -> tuple[float, list]:
-    rows, texts = common.sample_texts(model_dir, tok, path, n=1, max_prompt_length=MAX_PROMPT,
-                                      max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+def exact_match_rate(model_dir: str, tok: str, path: str, cfg: Config, *, temperature: float,
+                     n: int = 1) -> tuple[float, list]:
+    """Mean exact match over ``n`` samples per eval prompt (temperature 0: greedy)."""
+    rows, texts = common.sample_texts(model_dir, tok, path, n=n, max_prompt_length=MAX_PROMPT,
+                                      max_new_tokens=cfg.max_new_tokens, temperature=temperature,
                                       seed=cfg.seed)
-    hits = [exact_match(t[0], r["answer"]) for r, t in zip(rows, texts)]
+    hits = [exact_match(t, r["answer"]) for r, ts in zip(rows, texts) for t in ts]
     return float(np.mean(hits)), list(zip(rows, texts))
 
 
@@ -88,7 +91,22 @@ def run(cfg: Config) -> dict:
             learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
             total_steps=cfg.sft_steps, weight_decay=0.01),
         loop=LoopConfig(total_steps=cfg.sft_steps, log_every=20, save_every=cfg.sft_steps)))
-    before, _ = greedy_exact_match(sft_res["model_dir"], tok, paths["eval_prompts"], cfg)
+    seen = os.path.join(run_dir, "data", "train_prompts_subset.jsonl")
+    with open(paths["train_prompts"], encoding="utf-8") as src, \
+            open(seen, "w", encoding="utf-8") as dst:
+        dst.writelines(src.readlines()[:cfg.n_eval])
+
+    def rates(model_dir):
+        """Greedy and sampled exact match, on held-out problems and on training prompts."""
+        out = {}
+        for split, path in (("held-out", paths["eval_prompts"]), ("train prompts", seen)):
+            out[f"greedy, {split}"] = exact_match_rate(model_dir, tok, path, cfg,
+                                                       temperature=0.0)[0]
+            out[f"sampled T={cfg.temperature}, {split}"] = exact_match_rate(
+                model_dir, tok, path, cfg, temperature=cfg.temperature, n=4)[0]
+        return out
+
+    before = rates(sft_res["model_dir"])
     grpo_res = timer("grpo", grpo.run, grpo.GRPOConfig(
         prompts=paths["train_prompts"], eval_prompts=paths["eval_prompts"], tokenizer=tok,
         policy=ModelSpec(path=sft_res["model_dir"]), variant=cfg.variant,
@@ -101,7 +119,9 @@ def run(cfg: Config) -> dict:
         loop=LoopConfig(total_steps=cfg.grpo_steps, log_every=5, eval_every=cfg.eval_every,
                         save_every=cfg.grpo_steps)),
         reward_fns={"exact_match": exact_match_reward})
-    after, samples = greedy_exact_match(grpo_res["model_dir"], tok, paths["eval_prompts"], cfg)
+    after = rates(grpo_res["model_dir"])
+    _, samples = exact_match_rate(grpo_res["model_dir"], tok, paths["eval_prompts"], cfg,
+                                  temperature=0.0)
     rows = common.combine_metrics(run_dir, ("sft", "grpo"))
     g = [r for r in rows if r["stage"] == "grpo"]
     plots.plot_curves(g, ["rewards/exact_match", "response_length", "kept_frac"],
@@ -114,14 +134,16 @@ def run(cfg: Config) -> dict:
         for r, t in samples[:32]:
             f.write(json.dumps({"prompt": r["prompt"], "completion": t[0],
                                 "answer": r["answer"]}) + "\n")
-    outcome = {"variant": cfg.variant, "greedy exact match, SFT start": before,
-               "greedy exact match, after RL": after, "gain (points)": 100 * (after - before),
+    outcome = {"variant": cfg.variant,
                "SFT data wrong-answer fraction": cfg.wrong_fraction}
+    for k in before:
+        outcome[f"exact match ({k}): SFT -> RL"] = f"{before[k]:.3f} -> {after[k]:.3f}"
+        outcome[f"gain in points ({k})"] = round(100 * (after[k] - before[k]), 1)
     times = {f"{k} (s)": round(v, 1) for k, v in timer.times.items()}
     common.write_summary(os.path.join(run_dir, "summary.md"), f"grpo_arithmetic: {cfg.name}",
                          {"Outcome": outcome, "Wall time": times})
     print(open(os.path.join(run_dir, "summary.md"), encoding="utf-8").read())
-    return {"run_dir": run_dir, "outcome": outcome}
+    return {"run_dir": run_dir, "outcome": outcome, "before": before, "after": after}
 
 
 if __name__ == "__main__":

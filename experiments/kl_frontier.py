@@ -3,7 +3,7 @@ strengths, train each method from the same SFT model and plot gold reward agains
 KL(policy || SFT) on held-out prompts.
 
     python -m experiments.kl_frontier
-    python -m experiments.kl_frontier ppo_kl_coefs=0.2,0.05,0.01 dpo_betas=0.5,0.1,0.02
+    python -m experiments.kl_frontier ppo_kl_coefs=0.3,0.1,0.03 dpo_betas=1.0,0.3,0.1
 
 Writes ``plots/kl_frontier.png`` and ``summary.md`` (one row per run: method, strength, KL,
 gold reward, win rate over SFT).
@@ -26,14 +26,14 @@ from rlhf_jax.train import plots
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config(PPOWorldConfig):
     name: str = "kl_frontier"
-    ppo_kl_coefs: str = "0.2,0.05,0.01"
-    dpo_betas: str = "0.5,0.1,0.02"
+    ppo_kl_coefs: str = "0.3,0.1,0.03"
+    dpo_betas: str = "1.0,0.3,0.1"
     ppo_steps: int = 50
     loss: str = "sigmoid"
-    beta: float = 0.1
+    beta: float = 0.3
     dpo_steps: int = 150
     dpo_batch_size: int = 32
-    dpo_lr: float = 2e-4
+    dpo_lr: float = 5e-5
     report_samples: int = 2
 
 

@@ -84,9 +84,8 @@ def test_grpo_arithmetic_runs(tmp_path):
     out = _run("grpo_arithmetic", tmp_path, n_sft=64, n_train=32, n_eval=16, sft_steps=4,
                grpo_steps=2, prompts_per_step=4, group_size=2, eval_every=1, max_new_tokens=4,
                **TINY_MODEL)
-    o = out["outcome"]
-    assert 0.0 <= o["greedy exact match, SFT start"] <= 1.0
-    assert 0.0 <= o["greedy exact match, after RL"] <= 1.0
+    assert set(out["before"]) == set(out["after"]) and len(out["before"]) == 4
+    assert all(0.0 <= v <= 1.0 for v in [*out["before"].values(), *out["after"].values()])
     rows = _finite_metrics(pathlib.Path(out["run_dir"]) / "grpo" / "metrics.jsonl")
     assert any("rewards/exact_match" in r for r in rows)
 
