@@ -3,7 +3,7 @@ GRPO-family variant rewarded by an exact-match verifier; exact match before and 
 sampled, on held-out problems and on training prompts.
 
     python -m experiments.grpo_arithmetic
-    python -m experiments.grpo_arithmetic variant=dr_grpo name=dr_grpo
+    python -m experiments.grpo_arithmetic variant=grpo name=grpo
     python -m experiments.grpo_arithmetic variant=dapo grpo_steps=150
 
 Variants: see ``rlhf_jax.pipelines.grpo.VARIANTS``. Writes ``runs/<name>/`` with the data,
@@ -45,7 +45,7 @@ class Config:
     num_kv_heads: int = 2
     sft_steps: int = 400
     sft_lr: float = 2e-3
-    variant: str = "grpo"
+    variant: str = "dr_grpo"
     grpo_steps: int = 400
     prompts_per_step: int = 16
     group_size: int = 8

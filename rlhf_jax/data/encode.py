@@ -27,6 +27,9 @@ class Encoded(NamedTuple):
 
     items: list
     skipped: int
+    kept: tuple[int, ...] = ()
+    """Indices into ``dataset.rows`` of ``items`` (filled by ``encode_prompts``, whose callers
+    pass the rows' other columns on to reward functions)."""
 
 
 def _check_args(on_overflow: str, **lengths: int) -> None:
@@ -217,7 +220,7 @@ def encode_prompts(dataset: Dataset, tokenizer: Tokenizer, *, max_prompt_length:
         field = "prompt"
         bos = _bos(tokenizer)
         prompts = [bos + p for p in tokenizer.batch_encode([r["prompt"] for r in rows])]
-    items, skipped = [], 0
+    items, skipped, kept = [], 0, []
     for i, prompt in enumerate(prompts):
         if len(prompt) > max_prompt_length:
             if on_overflow != "skip":
@@ -225,6 +228,7 @@ def encode_prompts(dataset: Dataset, tokenizer: Tokenizer, *, max_prompt_length:
             skipped += 1
             continue
         items.append(prompt)
+        kept.append(i)
     if not items:
         raise _no_rows(dataset, skipped, f"max_prompt_length={max_prompt_length}")
-    return Encoded(items, skipped)
+    return Encoded(items, skipped, tuple(kept))

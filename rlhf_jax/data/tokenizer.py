@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -79,9 +80,17 @@ def _read_json(directory: pathlib.Path, name: str) -> dict[str, Any]:
 def _write_text(path: pathlib.Path, text: str) -> None:
     # Write-then-rename: a crash never leaves a half-written file, and a symlink at ``path`` is
     # replaced rather than written through.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    # mkstemp: a fresh file, so a pre-planted link at a fixed temporary name is never followed.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _token_str(value: Any) -> str | None:

@@ -20,7 +20,8 @@ import numpy as np
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.data.jsonl import write_jsonl
 from rlhf_jax.models import sequence_rewards
-from rlhf_jax.pipelines.common import ModelSpec, load_model, prepare_run_dir, write_json
+from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, load_model,
+                                       prepare_run_dir, write_json)
 from rlhf_jax.pipelines.rollouts import (RewardFn, call_reward_fns, decode_completions,
                                          load_prompts)
 from rlhf_jax.sampling import SamplingConfig, make_sampler
@@ -43,6 +44,10 @@ class BestOfNConfig:
     top_p: float | None = None
     prompts_per_batch: int = 16
     progress: bool = True
+    skip_invalid: bool = False
+    """Skip (and count) malformed prompt rows instead of stopping at the first."""
+    on_overflow: str = "error"
+    """Prompts longer than ``max_prompt_length``: ``error`` or ``skip`` (never truncated)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -61,10 +66,14 @@ def run(cfg: BestOfNConfig, *, eval_rewards: Mapping[str, RewardFn] | None = Non
     """Sample, score, select and write; returns the summary (also in ``result.json``)."""
     run_dir = prepare_run_dir(cfg, cfg.output_dir, ignore=())
     tokenizer = Tokenizer.load(cfg.tokenizer)
-    prompts, rows = load_prompts(cfg.prompts, tokenizer, max_prompt_length=cfg.max_prompt_length)
+    prompts, rows = load_prompts(cfg.prompts, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                 skip_invalid=cfg.skip_invalid, on_overflow=cfg.on_overflow)
     v = tokenizer.vocab_size
     policy, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)
     rm, rm_params = load_model(cfg.reward_model, heads=("reward",), vocab_size=v, seed=cfg.seed)
+    check_sequence_fits({"policy": policy.config, "reward": rm.config},
+                        max_prompt_length=cfg.max_prompt_length,
+                        max_new_tokens=cfg.max_new_tokens)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_ids=tokenizer.eos_ids,
                               pad_id=tokenizer.pad_id, temperature=cfg.temperature,
                               top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.n)

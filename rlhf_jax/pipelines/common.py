@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+import tempfile
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -77,6 +79,7 @@ def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = ("loop",)) 
     """
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "config.json")
+    check_inside(output_dir, path, "config.json")
     new = {"kind": type(cfg).__name__} | config_dict(cfg)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -86,11 +89,32 @@ def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = ("loop",)) 
         if diff:
             raise ValueError(f"{output_dir} holds a run with a different config (fields {diff}); "
                              f"choose another output_dir or delete the old run")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(new, f, indent=2, sort_keys=False)
-    os.replace(tmp, path)
+    write_json(path, new)
     return output_dir
+
+
+def check_inside(root: str, path: str, what: str) -> None:
+    """Refuse ``path`` when it resolves (through a symlink, say) outside the directory ``root``:
+    an output is never written through a link that leaves the output directory."""
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise ValueError(f"refusing to write {what} at {path!r}: it resolves to {real!r}, "
+                         f"outside the output directory {real_root!r} (a symlink leaving it); "
+                         f"remove the link or choose another output_dir")
+
+
+def check_sequence_fits(models: Mapping[str, ModelConfig], *, max_prompt_length: int,
+                        max_new_tokens: int) -> None:
+    """Prompt + completion must fit every model's positions (the sampler's KV cache has
+    ``max_prompt_length + max_new_tokens`` slots); checked before anything is compiled."""
+    need = max_prompt_length + max_new_tokens
+    for name, config in models.items():
+        if need > config.max_position_embeddings:
+            raise ValueError(
+                f"max_prompt_length {max_prompt_length} + max_new_tokens {max_new_tokens} = "
+                f"{need} tokens exceeds the {name} model's max_position_embeddings "
+                f"{config.max_position_embeddings} (the KV cache and position limit); lower "
+                f"max_prompt_length or max_new_tokens")
 
 
 def make_mesh(batch_size: int, *, enabled: bool = True):
@@ -108,7 +132,10 @@ def make_mesh(batch_size: int, *, enabled: bool = True):
 
 
 def export_model(directory: str, config: ModelConfig, params, tokenizer: Tokenizer) -> str:
-    """Write params as a Hugging Face checkpoint plus the tokenizer files into ``directory``."""
+    """Write params as a Hugging Face checkpoint plus the tokenizer files into ``directory``.
+
+    ``directory`` must not be a symlink leading out of its parent (the run directory)."""
+    check_inside(os.path.dirname(os.path.abspath(directory)), directory, "the model directory")
     save_hf_checkpoint(directory, config, jax.device_get(params))
     tokenizer.save(directory)
     return directory
@@ -136,10 +163,19 @@ def fixed_batches(data, batch_size: int) -> list:
 
 
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    """Write-then-rename through a fresh temporary file (``mkstemp``: never an existing link),
+    so a crash leaves no half-written file and a symlink at ``path`` is replaced, not followed."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def load_pairs(path: str, cfg, tokenizer: Tokenizer):
@@ -148,7 +184,15 @@ def load_pairs(path: str, cfg, tokenizer: Tokenizer):
     ds = load_jsonl(path, fmt="preference", skip_invalid=cfg.skip_invalid)
     enc = encode_preference(ds, tokenizer, max_prompt_length=cfg.max_prompt_length,
                             max_length=cfg.max_length, on_overflow=cfg.on_overflow)
+    report_skipped(path, ds.skipped, enc.skipped)
     return preference_batch(enc.items, length=cfg.max_length, pad_id=tokenizer.pad_id)
+
+
+def report_skipped(path: str, invalid: int, too_long: int) -> None:
+    """Say on stderr how many rows ``skip_invalid`` / ``on_overflow="skip"`` left out."""
+    if invalid or too_long:
+        print(f"{path}: skipped {invalid} invalid and {too_long} over-long rows",
+              file=sys.stderr)
 
 
 def sniff_format(path: str) -> str:
@@ -167,6 +211,7 @@ def load_sft_batch(path: str, cfg, tokenizer: Tokenizer):
     ``cfg.packing``) using ``cfg``'s ``max_length``, ``on_overflow`` and ``skip_invalid``."""
     ds = load_jsonl(path, fmt=sniff_format(path), skip_invalid=cfg.skip_invalid)
     enc = encode_sft(ds, tokenizer, max_length=cfg.max_length, on_overflow=cfg.on_overflow)
+    report_skipped(path, ds.skipped, enc.skipped)
     batch_fn = pack_token_batch if cfg.packing else pad_token_batch
     return batch_fn(enc.items, length=cfg.max_length, pad_id=tokenizer.pad_id)
 

@@ -56,6 +56,9 @@ class DistillConfig:
     def __post_init__(self):
         if self.loss not in DISTILL_LOSSES:
             raise ValueError(f"loss must be one of {sorted(DISTILL_LOSSES)}, got {self.loss!r}")
+        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by micro_batches "
+                             f"{self.micro_batches}")
 
 
 def make_distill_loss(student, teacher, cfg: DistillConfig):
@@ -78,6 +81,9 @@ def run(cfg: DistillConfig) -> dict:
     tokenizer = Tokenizer.load(cfg.tokenizer)
     train = load_sft_batch(cfg.train_data, cfg, tokenizer)
     evals = load_sft_batch(cfg.eval_data, cfg, tokenizer) if cfg.eval_data else None
+    # Every data and config check before the models are built or anything compiled.
+    data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
+    batches = fixed_batches(evals, cfg.batch_size) if evals is not None else None
     mesh = make_mesh(cfg.batch_size, enabled=cfg.data_parallel)
     v = tokenizer.vocab_size
     teacher, teacher_params = load_model(cfg.teacher, heads=("lm",), vocab_size=v, seed=cfg.seed)
@@ -93,11 +99,9 @@ def run(cfg: DistillConfig) -> dict:
     eval_fn = None
     if evals is not None:
         eval_step = jax.jit(lambda p, b, k, t: loss_fn(p, b, k, t))
-        batches = fixed_batches(evals, cfg.batch_size)
         eval_fn = lambda s: evaluate(  # noqa: E731
             lambda p, b, k: eval_step(p, b, k, teacher_params), s.params, batches,
             jax.random.PRNGKey(cfg.seed))
-    data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
     state, history = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step, data=data,
                                 eval_fn=eval_fn, postfix=("loss",),
                                 tokens_in=lambda b: int(b.attention_mask.sum()))

@@ -69,6 +69,9 @@ class DPOConfig:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
+        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by micro_batches "
+                             f"{self.micro_batches}")
 
 
 def reference_logps(model, params, pairs, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,6 +111,11 @@ def run(cfg: DPOConfig) -> dict:
     tokenizer = Tokenizer.load(cfg.tokenizer)
     train = load_pairs(cfg.train_data, cfg, tokenizer)
     evals = load_pairs(cfg.eval_data, cfg, tokenizer) if cfg.eval_data else None
+    # Size checks before the models are built or anything compiled (the reference log-probs
+    # travel with the data, so the iterator itself is built after them).
+    BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
+    if evals is not None:
+        fixed_batches(evals, cfg.batch_size)
     mesh = make_mesh(cfg.batch_size, enabled=cfg.data_parallel)
     v = tokenizer.vocab_size
     model, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)

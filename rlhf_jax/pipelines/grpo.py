@@ -41,7 +41,7 @@ from rlhf_jax.models import score_completions, sequence_rewards
 from rlhf_jax.ops import (group_advantages, masked_mean, reinforce_pp_advantages,
                           rloo_advantages)
 from rlhf_jax.ops.stats import compute_metrics
-from rlhf_jax.pipelines.common import (ModelSpec, load_model, make_mesh,
+from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, load_model, make_mesh,
                                        prepare_run_dir, finish_run)
 from rlhf_jax.pipelines.rollouts import (RewardFn, RolloutEval, call_reward_fns,
                                          decode_completions, load_prompts)
@@ -125,6 +125,10 @@ class GRPOConfig:
                                                  total_steps=100)
     loop: LoopConfig = LoopConfig(total_steps=100, log_every=5, eval_every=25, save_every=50)
     data_parallel: bool = True
+    skip_invalid: bool = False
+    """Skip (and count) malformed prompt rows instead of stopping at the first."""
+    on_overflow: str = "error"
+    """Prompts longer than ``max_prompt_length``: ``error`` or ``skip`` (never truncated)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -217,16 +221,29 @@ def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
     weights = {k: float((reward_weights or {}).get(k, 1.0)) for k in reward_fns}
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
     tokenizer = Tokenizer.load(cfg.tokenizer)
-    prompts, rows = load_prompts(cfg.prompts, tokenizer, max_prompt_length=cfg.max_prompt_length)
+    prompts, rows = load_prompts(cfg.prompts, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                 skip_invalid=cfg.skip_invalid, on_overflow=cfg.on_overflow)
+    ev_prompts, ev_rows = (load_prompts(cfg.eval_prompts, tokenizer,
+                                        max_prompt_length=cfg.max_prompt_length,
+                                        skip_invalid=cfg.skip_invalid,
+                                        on_overflow=cfg.on_overflow)
+                           if cfg.eval_prompts else (None, None))
+    # Every data and config check before the models are built or anything compiled.
+    index = np.arange(len(rows), dtype=np.int32)
+    data = BatchIterator((prompts, index), batch_size=cfg.prompts_per_step, seed=cfg.seed)
     mesh = make_mesh(cfg.prompts_per_step * cfg.group_size, enabled=cfg.data_parallel)
     v = tokenizer.vocab_size
     policy, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)
     reference, ref_params = load_model(cfg.reference or cfg.policy, heads=("lm",),
                                        vocab_size=v, seed=cfg.seed)
-    rm_score = None
+    rm_score, configs = None, {"policy": policy.config, "reference": reference.config}
     if cfg.reward_model is not None:
         rm, rm_params = load_model(cfg.reward_model, heads=("reward",), vocab_size=v,
                                    seed=cfg.seed)
+        configs["reward"] = rm.config
+    check_sequence_fits(configs, max_prompt_length=cfg.max_prompt_length,
+                        max_new_tokens=cfg.max_new_tokens)
+    if cfg.reward_model is not None:
         rm_score = jax.jit(lambda *a: sequence_rewards(rm, rm_params, *a))
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_ids=tokenizer.eos_ids,
                               pad_id=tokenizer.pad_id, temperature=cfg.temperature,
@@ -260,16 +277,12 @@ def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
 
     eval_fn = None
     if cfg.eval_prompts:
-        ev_prompts, ev_rows = load_prompts(cfg.eval_prompts, tokenizer,
-                                           max_prompt_length=cfg.max_prompt_length)
         greedy = dataclasses.replace(sampling, n=1, temperature=0.0, top_k=None, top_p=None)
         evaluator = RolloutEval(policy=policy, reference=reference, ref_params=ref_params,
                                 tokenizer=tokenizer, prompts=ev_prompts, rows=ev_rows,
                                 sampling=greedy, reward_fns=eval_rewards or reward_fns,
                                 device_rewards=rm_score, seed=cfg.seed)
         eval_fn = lambda s: evaluator(s.params)  # noqa: E731
-    index = np.arange(len(rows), dtype=np.int32)
-    data = BatchIterator((prompts, index), batch_size=cfg.prompts_per_step, seed=cfg.seed)
     state, history = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step_fn,
                                 data=data, eval_fn=eval_fn, postfix=("reward", "loss"))
     result = finish_run(run_dir, policy.config, state.params, tokenizer, state)

@@ -31,7 +31,7 @@ from rlhf_jax.models import completion_values, score_completions, sequence_rewar
 from rlhf_jax.ops import (KL_CONTROLLERS, KL_ESTIMATORS, aggregate_loss, gae_advantages,
                           kl_controller_init, kl_k1, masked_mean, masked_whiten)
 from rlhf_jax.ops.stats import Mean, compute_metrics
-from rlhf_jax.pipelines.common import (ModelSpec, load_model, make_mesh,
+from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, load_model, make_mesh,
                                        prepare_run_dir, finish_run)
 from rlhf_jax.pipelines.rollouts import RewardFn, RolloutEval, load_prompts
 from rlhf_jax.sampling import SamplingConfig, make_sampler
@@ -90,6 +90,10 @@ class PPOConfig:
                                                  total_steps=100, max_grad_norm=1.0)
     loop: LoopConfig = LoopConfig(total_steps=100, log_every=5, eval_every=20, save_every=50)
     data_parallel: bool = True
+    skip_invalid: bool = False
+    """Skip (and count) malformed prompt rows instead of stopping at the first."""
+    on_overflow: str = "error"
+    """Prompts longer than ``max_prompt_length``: ``error`` or ``skip`` (never truncated)."""
     seed: int = 0
 
     def __post_init__(self):
@@ -253,9 +257,20 @@ def run(cfg: PPOConfig, *, eval_rewards: Mapping[str, RewardFn] | None = None) -
     every evaluation alongside the reward model's score and the KL to the reference."""
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
     tokenizer = Tokenizer.load(cfg.tokenizer)
-    prompts, rows = load_prompts(cfg.prompts, tokenizer, max_prompt_length=cfg.max_prompt_length)
+    prompts, rows = load_prompts(cfg.prompts, tokenizer, max_prompt_length=cfg.max_prompt_length,
+                                 skip_invalid=cfg.skip_invalid, on_overflow=cfg.on_overflow)
+    ev_prompts, ev_rows = (load_prompts(cfg.eval_prompts, tokenizer,
+                                        max_prompt_length=cfg.max_prompt_length,
+                                        skip_invalid=cfg.skip_invalid,
+                                        on_overflow=cfg.on_overflow)
+                           if cfg.eval_prompts else (None, None))
+    # Every data and config check before the models are built or anything compiled.
+    data = BatchIterator(prompts, batch_size=cfg.rollout_batch_size, seed=cfg.seed)
     mesh = make_mesh(cfg.rollout_batch_size, enabled=cfg.data_parallel)
     models, params, frozen = _build(cfg, tokenizer)
+    check_sequence_fits({name: m.config for name, m in models._asdict().items() if m is not None},
+                        max_prompt_length=cfg.max_prompt_length,
+                        max_new_tokens=cfg.max_new_tokens)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_ids=tokenizer.eos_ids,
                               pad_id=tokenizer.pad_id, temperature=cfg.temperature,
                               top_k=cfg.top_k, top_p=cfg.top_p)
@@ -282,15 +297,12 @@ def run(cfg: PPOConfig, *, eval_rewards: Mapping[str, RewardFn] | None = None) -
     eval_fn = None
     evaluator = None
     if cfg.eval_prompts:
-        ev_prompts, ev_rows = load_prompts(cfg.eval_prompts, tokenizer,
-                                           max_prompt_length=cfg.max_prompt_length)
         rm_fn = jax.jit(lambda *a: sequence_rewards(models.reward, frozen[1], *a))
         evaluator = RolloutEval(policy=models.policy, reference=models.reference,
                                 ref_params=frozen[0], tokenizer=tokenizer, prompts=ev_prompts,
                                 rows=ev_rows, sampling=sampling, reward_fns=eval_rewards or {},
                                 device_rewards=rm_fn, seed=cfg.seed)
         eval_fn = lambda s: evaluator(s.params["policy"])  # noqa: E731
-    data = BatchIterator(prompts, batch_size=cfg.rollout_batch_size, seed=cfg.seed)
     state, history = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step_fn,
                                 data=data, eval_fn=eval_fn, postfix=("score", "kl"),
                                 tokens_in=None)

@@ -56,6 +56,11 @@ class RewardModelConfig:
     data_parallel: bool = True
     seed: int = 0
 
+    def __post_init__(self):
+        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by micro_batches "
+                             f"{self.micro_batches}")
+
 
 def make_reward_loss(model, *, margin: float | None = None, center_coef: float = 0.0):
     """``loss_fn(params, PreferenceBatch, key)`` for the trainer: one forward over both sides."""
@@ -80,6 +85,9 @@ def run(cfg: RewardModelConfig) -> dict:
     tokenizer = Tokenizer.load(cfg.tokenizer)
     train = load_pairs(cfg.train_data, cfg, tokenizer)
     evals = load_pairs(cfg.eval_data, cfg, tokenizer) if cfg.eval_data else None
+    # Every data and config check before the model is built or anything compiled.
+    data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
+    batches = fixed_batches(evals, cfg.batch_size) if evals is not None else None
     mesh = make_mesh(cfg.batch_size, enabled=cfg.data_parallel)
     model, params = load_model(cfg.model, heads=("reward",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
@@ -91,7 +99,6 @@ def run(cfg: RewardModelConfig) -> dict:
     eval_fn = None
     if evals is not None:
         eval_step = make_eval_step(loss_fn, mesh=mesh)
-        batches = fixed_batches(evals, cfg.batch_size)
 
         def reward_eval(s):
             out = evaluate(eval_step, s.params, batches, jax.random.PRNGKey(cfg.seed))
@@ -100,7 +107,6 @@ def run(cfg: RewardModelConfig) -> dict:
 
         eval_fn = reward_eval
 
-    data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
     state, history = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step, data=data,
                                 eval_fn=eval_fn, postfix=("loss", "accuracy"))
     result = finish_run(run_dir, model.config, state.params, tokenizer, state)

@@ -16,6 +16,7 @@ import numpy as np
 
 from rlhf_jax.data import Tokenizer, encode_prompts, load_jsonl, prompt_batch
 from rlhf_jax.models import Model, score_completions
+from rlhf_jax.pipelines.common import report_skipped
 from rlhf_jax.ops.kl import kl_k1
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.types import PromptBatch
@@ -25,14 +26,18 @@ RewardFn = Callable[..., Sequence[float]]
 
 
 def load_prompts(path: str, tokenizer: Tokenizer, *, max_prompt_length: int,
-                 skip_invalid: bool = False) -> tuple[PromptBatch, list[dict]]:
+                 skip_invalid: bool = False, on_overflow: str = "error"
+                 ) -> tuple[PromptBatch, list[dict]]:
     """Prompt-only JSONL (``prompt`` plus any extra columns) as a left-padded ``PromptBatch``
     of width ``max_prompt_length``, and the rows (reward functions get their extra columns).
-    A prompt longer than ``max_prompt_length`` is an error naming its line."""
+    A prompt longer than ``max_prompt_length`` is an error naming its line, or with
+    ``on_overflow="skip"`` is left out (with its row); skipped rows are reported on stderr."""
     ds = load_jsonl(path, fmt="prompt", skip_invalid=skip_invalid)
-    enc = encode_prompts(ds, tokenizer, max_prompt_length=max_prompt_length)
+    enc = encode_prompts(ds, tokenizer, max_prompt_length=max_prompt_length,
+                         on_overflow=on_overflow)
+    report_skipped(path, ds.skipped, enc.skipped)
     batch = prompt_batch(enc.items, length=max_prompt_length, pad_id=tokenizer.pad_id)
-    return batch, list(ds.rows)
+    return batch, [ds.rows[i] for i in enc.kept]
 
 
 def call_reward_fns(fns: Mapping[str, RewardFn], prompts: list[str], completions: list[str],

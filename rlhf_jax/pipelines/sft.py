@@ -79,6 +79,9 @@ def run(cfg: SFTConfig) -> dict:
     tokenizer = Tokenizer.load(cfg.tokenizer)
     train = load_sft_batch(cfg.train_data, cfg, tokenizer)
     evals = load_sft_batch(cfg.eval_data, cfg, tokenizer) if cfg.eval_data else None
+    # Every data and config check before the model is built or anything compiled.
+    data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
+    eval_batches = fixed_batches(evals, cfg.batch_size) if evals is not None else None
     mesh = make_mesh(cfg.batch_size, enabled=cfg.data_parallel)
     model, params = load_model(cfg.model, heads=("lm",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
@@ -91,11 +94,9 @@ def run(cfg: SFTConfig) -> dict:
     state = create_train_state(params, optimizer, seed=cfg.seed)
     step = make_train_step(loss_fn, optimizer, micro_batches=cfg.micro_batches, mesh=mesh,
                            learning_rate=make_schedule(cfg.optimizer))
-    data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
     eval_fn = None
     if evals is not None:
         eval_step = make_eval_step(loss_fn, mesh=mesh)
-        eval_batches = fixed_batches(evals, cfg.batch_size)
         eval_fn = lambda s: evaluate(eval_step, s.params, eval_batches,  # noqa: E731
                                      jax.random.PRNGKey(cfg.seed))
     state, history = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step, data=data,

@@ -194,10 +194,22 @@ def test_encode_preference_needs_room_for_a_response(tok):
 def test_encode_prompts_hand_and_passthrough_formats(tok, tmp_path):
     ds = _file(tmp_path, [{"prompt": "two plus", "answer": "4"}], "prompt")
     assert encode_prompts(ds, tok, max_prompt_length=16) == Encoded(
-        [[1, *tok.encode("two plus")]], 0)
+        [[1, *tok.encode("two plus")]], 0, (0,))
     pref = Dataset.from_rows([{"prompt": "hello", "chosen": "b", "rejected": "c"}],
                              fmt="preference")
     assert encode_prompts(pref, tok, max_prompt_length=8).items == [[1, *tok.encode("hello")]]
+
+
+def test_encode_prompts_skip_keeps_row_indices(tok, tmp_path):
+    # rows 0 and 2 fit in 6 tokens (BOS + a few), row 1 does not: kept == (0, 2), so a caller
+    # can keep each prompt's other columns (e.g. the answer a verifier needs) aligned
+    long = "word " * 20
+    ds = _file(tmp_path, [{"prompt": "a", "answer": "1"}, {"prompt": long, "answer": "2"},
+                          {"prompt": "b", "answer": "3"}], "prompt")
+    out = encode_prompts(ds, tok, max_prompt_length=6, on_overflow="skip")
+    assert out.skipped == 1 and out.kept == (0, 2)
+    assert [ds.rows[i]["answer"] for i in out.kept] == ["1", "3"]
+    assert out.items == [[1, *tok.encode("a")], [1, *tok.encode("b")]]
 
 
 def test_encode_prompts_messages_drop_the_final_assistant_turn(tok, tmp_path):
@@ -224,7 +236,7 @@ def test_encode_prompts_errors(tok, tmp_path):
                                         r".*max_prompt_length=3"):
         encode_prompts(ds, tok, max_prompt_length=3, on_overflow="truncate")
     out = encode_prompts(ds, tok, max_prompt_length=3, on_overflow="skip")
-    assert out == Encoded([[1, *tok.encode("hi")]], 1)
+    assert out == Encoded([[1, *tok.encode("hi")]], 1, (1,))
     with pytest.raises(DataError, match=r"no rows left: all 2 rows are longer than "
                                         r"max_prompt_length=1"):
         encode_prompts(ds, tok, max_prompt_length=1, on_overflow="skip")

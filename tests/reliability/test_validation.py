@@ -1,0 +1,390 @@
+"""Bad input gets a clear error at load time, before anything is built or compiled.
+
+Every pipeline entry point (``run(cfg)``) is called on bad data with its model loader and its
+``jax.jit`` replaced by sentinels that raise: the test passes only if the ``DataError`` (naming
+file, line and field, or stating sizes and limits) comes first. The config checks (batch vs
+devices and micro-batches, group size, minibatches, prompt + completion vs the model's
+positions) are held to their messages the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import jax
+import pytest
+
+from rlhf_jax.data import (DataError, encode_sft, load_jsonl, train_bpe_tokenizer)
+from rlhf_jax.pipelines import (ModelSpec, best_of_n, common, distill, dpo, grpo, ppo,
+                                reward_model, rollouts, sft)
+from rlhf_jax.rewards import exact_match_reward
+from rlhf_jax.train import LoopConfig
+
+MODULES = (sft, reward_model, dpo, distill, ppo, grpo, best_of_n, rollouts, common)
+TINY = ModelSpec(preset="toy-1m", overrides={"hidden_size": 32, "intermediate_size": 64,
+                                             "num_layers": 1, "num_heads": 2,
+                                             "num_kv_heads": 1})
+LOOP = LoopConfig(total_steps=1, progress=False, tensorboard=False)
+
+
+class Compiled(Exception):
+    """Raised by the sentinels: something was built or compiled before validation."""
+
+
+def _sentinel(what):
+    def f(*args, **kwargs):
+        raise Compiled(what)
+    return f
+
+
+class _NoJit(types.ModuleType):
+    """``jax`` as a pipeline module sees it, except that ``jit`` raises."""
+
+    def __init__(self):
+        super().__init__("jax")
+
+    def __getattr__(self, name):
+        if name == "jit":
+            return _sentinel("jax.jit")
+        return getattr(jax, name)
+
+
+@pytest.fixture
+def no_jit(monkeypatch):
+    """No ``jax.jit`` and no sampler in any pipeline module (models may still be built)."""
+    for mod in MODULES:
+        monkeypatch.setattr(mod, "jax", _NoJit())
+        if hasattr(mod, "make_sampler"):
+            monkeypatch.setattr(mod, "make_sampler", _sentinel("make_sampler"))
+
+
+@pytest.fixture
+def no_build(no_jit, monkeypatch):
+    """Additionally no model loading: a stage must fail on its data before either."""
+    for mod in MODULES:
+        if hasattr(mod, "load_model"):
+            monkeypatch.setattr(mod, "load_model", _sentinel("load_model"))
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    texts = ["What is 2 plus 3? The answer is 5.", "Tell me a story about a cat.",
+             "The cat sat on the mat and ate the rat."] * 20
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer")
+    train_bpe_tokenizer(texts, vocab_size=300, min_frequency=1).save(path)
+    return path
+
+
+GOOD = {
+    "prompt_completion": {"prompt": "What is 2 plus 3?", "completion": "5"},
+    "preference": {"prompt": "Tell me a story.", "chosen": "The cat sat.", "rejected": "No."},
+    "prompt": {"prompt": "2 plus 3?", "answer": "5"},
+}
+FMT = {"sft": "prompt_completion", "distill": "prompt_completion", "reward_model": "preference",
+       "dpo": "preference", "ppo": "prompt", "grpo": "prompt", "best_of_n": "prompt"}
+STAGES = tuple(FMT)
+
+
+def _write(path, lines):
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n")
+    return str(path)
+
+
+def _cfg(stage: str, data: str, tok: str, out: str, **kw):
+    """A small config of ``stage`` reading ``data``; ``kw`` overrides fields."""
+    common_kw = dict(tokenizer=tok, output_dir=out, seed=0)
+    if stage in ("sft", "distill"):
+        base = dict(train_data=data, max_length=16, batch_size=2, loop=LOOP,
+                    data_parallel=False)
+        if stage == "sft":
+            return sft.SFTConfig(**common_kw, **(base | dict(model=TINY) | kw))
+        return distill.DistillConfig(**common_kw, **(base | dict(teacher=TINY, student=TINY)
+                                                     | kw))
+    if stage in ("reward_model", "dpo"):
+        base = dict(train_data=data, max_prompt_length=8, max_length=16, batch_size=2,
+                    loop=LOOP, data_parallel=False, on_overflow="error")
+        if stage == "reward_model":
+            return reward_model.RewardModelConfig(**common_kw, **(base | dict(model=TINY) | kw))
+        return dpo.DPOConfig(**common_kw, **(base | dict(policy=TINY) | kw))
+    base = dict(prompts=data, policy=TINY, max_prompt_length=8, max_new_tokens=4)
+    if stage == "ppo":
+        return ppo.PPOConfig(**common_kw, **(base | dict(
+            reward_model=TINY, rollout_batch_size=2, num_minibatches=1, loop=LOOP,
+            data_parallel=False) | kw))
+    if stage == "grpo":
+        return grpo.GRPOConfig(**common_kw, **(base | dict(
+            prompts_per_step=1, group_size=2, loop=LOOP, data_parallel=False) | kw))
+    return best_of_n.BestOfNConfig(**common_kw, **(base | dict(
+        reward_model=TINY, n=2, prompts_per_batch=2, progress=False) | kw))
+
+
+def _run(stage, cfg):
+    mod = {"sft": sft, "distill": distill, "reward_model": reward_model, "dpo": dpo,
+           "ppo": ppo, "grpo": grpo, "best_of_n": best_of_n}[stage]
+    if stage == "grpo":
+        return mod.run(cfg, reward_fns={"exact_match": exact_match_reward})
+    return mod.run(cfg)
+
+
+# (case, bad line 2 for a format, expected message after "<path>:2: ")
+def _bad_rows(fmt):
+    good = GOOD[fmt]
+    no_prompt = {k: v for k, v in good.items() if k != "prompt"}
+    return [
+        ("malformed_json", b'{"prompt": "a",', "malformed JSON: "),
+        ("not_an_object", [good], "expected a JSON object, got list"),
+        ("missing_field", no_prompt, f"field 'prompt': missing (the row has fields "
+                                     f"{sorted(no_prompt)})"),
+        ("wrong_type", good | {"prompt": 7}, "field 'prompt': expected a non-empty string, "
+                                            "got int"),
+        ("null", good | {"prompt": None}, "field 'prompt': expected a non-empty string, "
+                                          "got null"),
+        ("invalid_utf8", b'{"prompt": "caf\xe9"}', "invalid UTF-8 at byte 15 of the line: "
+                                                   "invalid continuation byte"),
+        ("empty_prompt", good | {"prompt": ""}, "field 'prompt': expected a non-empty string, "
+                                                "got an empty string"),
+    ]
+
+
+CASES = [(stage, case, line, msg) for stage in STAGES
+         for case, line, msg in _bad_rows(FMT[stage])]
+
+
+@pytest.mark.parametrize("stage,case,line,msg", CASES,
+                         ids=[f"{s}-{c}" for s, c, _, _ in CASES])
+def test_bad_row_is_named_before_any_build(stage, case, line, msg, tmp_path, tok_dir, no_build):
+    good = GOOD[FMT[stage]]
+    data = _write(tmp_path / "train.jsonl", [good, line, good, good])
+    with pytest.raises(DataError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run")))
+    assert str(err.value).startswith(f"{data}:2: {msg}"), str(err.value)
+
+
+@pytest.mark.parametrize("stage", ["sft", "distill", "reward_model", "dpo"])
+def test_missing_other_field_is_named(stage, tmp_path, tok_dir, no_build):
+    fmt = FMT[stage]
+    field = "completion" if fmt == "prompt_completion" else "rejected"
+    good = GOOD[fmt]
+    bad = good | {field: ["not", "a", "string"]}
+    data = _write(tmp_path / "train.jsonl", [good, good, good, bad])
+    with pytest.raises(DataError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run")))
+    assert str(err.value) == (f"{data}:4: field {field!r}: expected a non-empty string, "
+                              f"got list")
+
+
+# ----------------------------------------------------------------------------- sizes, limits
+LONG = "The cat sat on the mat and ate the rat. " * 6
+
+
+@pytest.mark.parametrize("stage", ["reward_model", "dpo", "ppo", "grpo", "best_of_n"])
+def test_prompt_too_long_states_size_and_limit(stage, tmp_path, tok_dir, no_build):
+    good = GOOD[FMT[stage]]
+    data = _write(tmp_path / "train.jsonl", [good, good, good | {"prompt": LONG}])
+    with pytest.raises(DataError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run")))
+    text = str(err.value)
+    assert text.startswith(f"{data}:3: field 'prompt': the prompt is "), text
+    n = int(text.split("the prompt is ")[1].split(" tokens")[0])
+    assert n > 8
+    assert text.endswith("tokens (BOS and template included), longer than "
+                         "max_prompt_length=8; prompts are never truncated: raise "
+                         "max_prompt_length or pass on_overflow='skip'")
+
+
+@pytest.mark.parametrize("stage", ["sft", "distill"])
+def test_sequence_too_long_states_size_and_limit(stage, tmp_path, tok_dir, no_build):
+    good = GOOD[FMT[stage]]
+    data = _write(tmp_path / "train.jsonl", [good, good | {"completion": LONG}, good])
+    with pytest.raises(DataError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), on_overflow="error"))
+    text = str(err.value)
+    assert text.startswith(f"{data}:2: field 'completion': the sequence is "), text
+    assert text.endswith(" tokens, longer than max_length=16; raise max_length or pass "
+                         "on_overflow='truncate' or 'skip'")
+
+
+@pytest.mark.parametrize("stage", ["sft", "distill"])
+def test_all_supervised_tokens_truncated(stage, tmp_path, tok_dir, no_build):
+    good = GOOD[FMT[stage]]
+    data = _write(tmp_path / "train.jsonl", [good, good | {"prompt": LONG}, good])
+    with pytest.raises(DataError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), on_overflow="truncate"))
+    text = str(err.value)
+    assert text.startswith(f"{data}:2: field 'completion': all supervised tokens truncated: "
+                           "the sequence is "), text
+    assert "beyond max_length=16; raise max_length or pass on_overflow='skip'" in text
+
+
+@pytest.mark.parametrize("stage,limits", [
+    ("sft", "max_length=16"), ("distill", "max_length=16"),
+    ("reward_model", "max_prompt_length=8 or max_length=16"),
+    ("dpo", "max_prompt_length=8 or max_length=16")])
+def test_dataset_filtered_to_nothing_by_length(stage, limits, tmp_path, tok_dir, no_build):
+    fmt = FMT[stage]
+    long_row = GOOD[fmt] | ({"prompt": LONG} if fmt == "preference" else {"completion": LONG})
+    data = _write(tmp_path / "train.jsonl", [long_row] * 3)
+    with pytest.raises(DataError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), on_overflow="skip"))
+    assert str(err.value) == (f"{data}: no rows left: all 3 rows are longer than {limits} "
+                              f"(on_overflow='skip')")
+
+
+@pytest.mark.parametrize("stage", ["sft", "distill", "reward_model", "dpo"])
+def test_dataset_filtered_to_nothing_by_skip_invalid(stage, tmp_path, tok_dir, no_build):
+    fmt = FMT[stage]
+    data = _write(tmp_path / "train.jsonl", [GOOD[fmt] | {"prompt": 1}, b"nope", b"{}"])
+    with pytest.raises(DataError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), skip_invalid=True))
+    assert str(err.value) == (
+        f"{data}: no valid {fmt!r} rows: all 3 rows were skipped as invalid; first: {data}:1: "
+        f"field 'prompt': expected a non-empty string, got int")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_empty_file_is_an_error(stage, tmp_path, tok_dir, no_build):
+    data = _write(tmp_path / "train.jsonl", [b"", b"   "])
+    with pytest.raises(DataError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run")))
+    assert str(err.value) == f"{data}: no rows: the dataset is empty (0 non-blank lines)"
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward_model", "distill", "dpo", "ppo", "grpo"])
+def test_dataset_smaller_than_batch_is_refused_before_any_build(stage, tmp_path, tok_dir,
+                                                                 no_build):
+    data = _write(tmp_path / "train.jsonl", [GOOD[FMT[stage]]])
+    size = {"ppo": dict(rollout_batch_size=4), "grpo": dict(prompts_per_step=4)}.get(
+        stage, dict(batch_size=4))
+    with pytest.raises(ValueError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), **size))
+    assert "the dataset has 1 examples, fewer than batch_size=4" in str(err.value)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward_model", "distill", "dpo", "ppo", "grpo"])
+def test_bad_eval_data_is_named_before_any_build(stage, tmp_path, tok_dir, no_build):
+    good = GOOD[FMT[stage]]
+    data = _write(tmp_path / "train.jsonl", [good] * 4)
+    bad = _write(tmp_path / "eval.jsonl", [good, good, good | {"prompt": []}])
+    key = "eval_prompts" if stage in ("ppo", "grpo") else "eval_data"
+    with pytest.raises(DataError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), **{key: bad}))
+    assert str(err.value) == (f"{bad}:3: field 'prompt': expected a non-empty string, "
+                              f"got list")
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward_model", "distill", "dpo"])
+def test_eval_set_smaller_than_batch_is_refused_before_any_build(stage, tmp_path, tok_dir,
+                                                                 no_build):
+    good = GOOD[FMT[stage]]
+    data = _write(tmp_path / "train.jsonl", [good] * 4)
+    evals = _write(tmp_path / "eval.jsonl", [good])
+    with pytest.raises(ValueError, match=r"^evaluation set has 1 rows < batch size 2$"):
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), eval_data=evals))
+
+
+# ----------------------------------------------------------------------------- skip and count
+def test_skip_invalid_counts_and_the_run_goes_on(tmp_path, tok_dir, no_build):
+    good = GOOD["prompt_completion"]
+    data = _write(tmp_path / "train.jsonl",
+                  [good, b"{oops", good | {"completion": 3}, good, b'{"prompt": "\xff"}', good])
+    ds = load_jsonl(data, fmt="prompt_completion", skip_invalid=True)
+    assert (len(ds), ds.skipped, ds.lines) == (3, 3, (1, 4, 6))
+    assert ds.skipped_reasons[0].startswith(f"{data}:2: malformed JSON: ")
+    assert ds.skipped_reasons[1:] == (
+        f"{data}:3: field 'completion': expected a non-empty string, got int",
+        f"{data}:5: invalid UTF-8 at byte 12 of the line: invalid start byte")
+    # The run gets past its data (and reaches the model loader, stubbed here).
+    with pytest.raises(Compiled, match="load_model"):
+        _run("sft", _cfg("sft", data, tok_dir, str(tmp_path / "run"), skip_invalid=True))
+    with pytest.raises(DataError, match=f"^{data}:2: malformed JSON"):
+        _run("sft", _cfg("sft", data, tok_dir, str(tmp_path / "run2")))
+
+
+def test_on_overflow_skip_counts(tmp_path, tok_dir):
+    from rlhf_jax.data import Tokenizer
+    good = GOOD["prompt_completion"]
+    data = _write(tmp_path / "d.jsonl", [good, good | {"completion": LONG}, good])
+    enc = encode_sft(load_jsonl(data, fmt="prompt_completion"), Tokenizer.load(tok_dir),
+                     max_length=16, on_overflow="skip")
+    assert (len(enc.items), enc.skipped) == (2, 1)
+
+
+# ----------------------------------------------------------------------------- config sanity
+def test_batch_not_divisible_by_devices(tmp_path, tok_dir, no_build):
+    assert jax.local_device_count() == 8
+    data = _write(tmp_path / "train.jsonl", [GOOD["prompt_completion"]] * 12)
+    with pytest.raises(ValueError) as err:
+        _run("sft", _cfg("sft", data, tok_dir, str(tmp_path / "run"), batch_size=12,
+                         data_parallel=True))
+    assert str(err.value) == ("batch_size 12 is not divisible by the 8 local devices; change "
+                              "batch_size or set data_parallel=False")
+    data = _write(tmp_path / "prompts.jsonl", [GOOD["prompt"]] * 6)
+    with pytest.raises(ValueError, match="^batch_size 6 is not divisible by the 8 local"):
+        _run("ppo", _cfg("ppo", data, tok_dir, str(tmp_path / "ppo"), rollout_batch_size=6,
+                         num_minibatches=2, data_parallel=True))
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward_model", "dpo", "distill"])
+def test_batch_not_divisible_by_micro_batches(stage, tmp_path):
+    with pytest.raises(ValueError) as err:
+        _cfg(stage, "d.jsonl", "tok", str(tmp_path), batch_size=8, micro_batches=3)
+    assert str(err.value) == "batch_size 8 is not divisible by micro_batches 3"
+
+
+def test_group_size_one_is_rejected():
+    with pytest.raises(ValueError) as err:
+        _cfg("grpo", "p.jsonl", "tok", "out", group_size=1)
+    assert str(err.value) == "group_size must be >= 2 for group baselines, got 1"
+
+
+def test_rollout_batch_not_divisible_by_minibatches():
+    with pytest.raises(ValueError) as err:
+        _cfg("ppo", "p.jsonl", "tok", "out", rollout_batch_size=10, num_minibatches=4)
+    assert str(err.value) == "rollout_batch_size 10 is not divisible by num_minibatches 4"
+    with pytest.raises(ValueError) as err:
+        _cfg("grpo", "p.jsonl", "tok", "out", prompts_per_step=3, group_size=3,
+             num_minibatches=2)
+    assert str(err.value) == "prompts_per_step * group_size must be divisible by num_minibatches"
+
+
+SMALL_CONTEXT = ModelSpec(preset="toy-1m", overrides=dict(TINY.overrides,
+                                                          max_position_embeddings=10))
+
+
+@pytest.mark.parametrize("stage,who,extra", [
+    ("ppo", "policy", {}), ("ppo", "critic", {"value_init": SMALL_CONTEXT}),
+    ("ppo", "reward", {"value_model": "shared"}), ("grpo", "policy", {}),
+    ("grpo", "reference", {}), ("grpo", "reward", {}), ("best_of_n", "policy", {}), ("best_of_n", "reward", {})])
+def test_prompt_plus_completion_must_fit_the_cache(stage, who, extra, tmp_path, tok_dir,
+                                                   no_jit):
+    data = _write(tmp_path / "prompts.jsonl", [GOOD["prompt"]] * 4)
+    field = {"reward": "reward_model", "critic": "policy"}.get(who, who)
+    kw = {field: SMALL_CONTEXT} if who != "critic" else {}
+    with pytest.raises(ValueError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), max_prompt_length=8,
+                         max_new_tokens=4, **kw, **extra))
+    assert str(err.value) == (
+        f"max_prompt_length 8 + max_new_tokens 4 = 12 tokens exceeds the {who} model's "
+        f"max_position_embeddings 10 (the KV cache and position limit); lower "
+        f"max_prompt_length or max_new_tokens")
+
+
+def test_prompt_plus_completion_that_fits_reaches_the_sampler(tmp_path, tok_dir, no_jit):
+    data = _write(tmp_path / "prompts.jsonl", [GOOD["prompt"]] * 4)
+    fits = ModelSpec(preset="toy-1m", overrides=dict(TINY.overrides,
+                                                     max_position_embeddings=12))
+    with pytest.raises(Compiled, match="make_sampler"):
+        _run("best_of_n", _cfg("best_of_n", data, tok_dir, str(tmp_path / "run"),
+                               policy=fits, reward_model=fits))
+
+
+def test_run_dir_is_only_config_json_after_a_data_error(tmp_path, tok_dir, no_build):
+    data = _write(tmp_path / "train.jsonl", [b"{"])
+    out = tmp_path / "run"
+    with pytest.raises(DataError):
+        _run("sft", _cfg("sft", data, tok_dir, str(out)))
+    assert sorted(os.listdir(out)) == ["config.json"]
