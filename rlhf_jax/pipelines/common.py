@@ -233,3 +233,30 @@ def finish_run(run_dir: str, config: ModelConfig, params, tokenizer: Tokenizer, 
     result |= extra
     write_json(os.path.join(run_dir, "result.json"), result)
     return result
+
+
+def fit(cfg, *, run_dir: str, tokenizer: Tokenizer, model, params, loss_fn, data, eval_batches,
+        mesh, postfix: tuple[str, ...], tokens_in=None, frozen=None, eval_post=None) -> dict:
+    """The shared body of the supervised stages (SFT, reward model, DPO, distillation): build
+    the optimizer, state and jitted steps from ``cfg`` (``optimizer``, ``loop``,
+    ``micro_batches``, ``seed``), run the loop with periodic evaluation on ``eval_batches``
+    (post-processed by ``eval_post``), then export and write ``result.json``."""
+    from rlhf_jax.train import (create_train_state, make_eval_step, make_optimizer,
+                                make_schedule, make_train_step, train_loop)
+
+    optimizer = make_optimizer(cfg.optimizer)
+    state = create_train_state(params, optimizer, seed=cfg.seed)
+    step = make_train_step(loss_fn, optimizer, micro_batches=cfg.micro_batches, mesh=mesh,
+                           learning_rate=make_schedule(cfg.optimizer), frozen=frozen)
+    eval_step = make_eval_step(loss_fn, mesh=mesh, frozen=frozen)
+
+    def run_eval(s):
+        out = evaluate(eval_step, s.params, eval_batches, jax.random.PRNGKey(cfg.seed))
+        return eval_post(out) if eval_post is not None else out
+
+    eval_fn = run_eval if eval_batches is not None else None
+
+    state, _ = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step, data=data,
+                          eval_fn=eval_fn, postfix=postfix, tokens_in=tokens_in)
+    result = finish_run(run_dir, model.config, state.params, tokenizer, state)
+    return result | {"state": state, "model": model}

@@ -18,11 +18,9 @@ import jax
 from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import DISTILL_LOSSES
 from rlhf_jax.models import token_batch_logits
-from rlhf_jax.pipelines.common import (ModelSpec, evaluate, fixed_batches,
-                                       load_model, load_sft_batch, make_mesh, prepare_run_dir,
-                                       finish_run)
-from rlhf_jax.train import (LoopConfig, OptimizerConfig, create_train_state, make_optimizer,
-                            make_schedule, make_train_step, train_loop)
+from rlhf_jax.pipelines.common import (ModelSpec, fit, fixed_batches, load_model,
+                                       load_sft_batch, make_mesh, prepare_run_dir)
+from rlhf_jax.train import LoopConfig, OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,19 +89,7 @@ def run(cfg: DistillConfig) -> dict:
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"teacher vocab {teacher.config.vocab_size} != student vocab "
                          f"{student.config.vocab_size}: distillation needs a shared tokenizer")
-    loss_fn = make_distill_loss(student, teacher, cfg)
-    optimizer = make_optimizer(cfg.optimizer)
-    state = create_train_state(params, optimizer, seed=cfg.seed)
-    step = make_train_step(loss_fn, optimizer, micro_batches=cfg.micro_batches, mesh=mesh,
-                           learning_rate=make_schedule(cfg.optimizer), frozen=teacher_params)
-    eval_fn = None
-    if evals is not None:
-        eval_step = jax.jit(lambda p, b, k, t: loss_fn(p, b, k, t))
-        eval_fn = lambda s: evaluate(  # noqa: E731
-            lambda p, b, k: eval_step(p, b, k, teacher_params), s.params, batches,
-            jax.random.PRNGKey(cfg.seed))
-    state, history = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step, data=data,
-                                eval_fn=eval_fn, postfix=("loss",),
-                                tokens_in=lambda b: int(b.attention_mask.sum()))
-    result = finish_run(run_dir, student.config, state.params, tokenizer, state)
-    return result | {"state": state, "model": student}
+    return fit(cfg, run_dir=run_dir, tokenizer=tokenizer, model=student, params=params,
+               loss_fn=make_distill_loss(student, teacher, cfg), data=data,
+               eval_batches=batches, mesh=mesh, postfix=("loss",), frozen=teacher_params,
+               tokens_in=lambda b: int(b.attention_mask.sum()))

@@ -20,11 +20,9 @@ import numpy as np
 from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
 from rlhf_jax.models import sequence_logprob_sums
-from rlhf_jax.pipelines.common import (ModelSpec, evaluate, fixed_batches,
-                                       load_model, load_pairs, make_mesh, prepare_run_dir,
-                                       finish_run)
-from rlhf_jax.train import (LoopConfig, OptimizerConfig, create_train_state, make_eval_step,
-                            make_optimizer, make_schedule, make_train_step, train_loop)
+from rlhf_jax.pipelines.common import (ModelSpec, fit, fixed_batches, load_model, load_pairs,
+                                       make_mesh, prepare_run_dir)
+from rlhf_jax.train import LoopConfig, OptimizerConfig
 
 LOSSES = {**DPO_LOSSES, **REFERENCE_FREE_LOSSES}
 """Loss name -> pure loss function."""
@@ -128,20 +126,9 @@ def run(cfg: DPOConfig) -> dict:
             cfg.reference, heads=("lm",), vocab_size=v, seed=cfg.seed)
         return (pairs, *reference_logps(ref_model, ref_params, pairs, cfg.batch_size))
 
-    train = with_ref(train)
-    loss_fn = make_dpo_loss(model, cfg)
-    optimizer = make_optimizer(cfg.optimizer)
-    state = create_train_state(params, optimizer, seed=cfg.seed)
-    step = make_train_step(loss_fn, optimizer, micro_batches=cfg.micro_batches, mesh=mesh,
-                           learning_rate=make_schedule(cfg.optimizer))
-    eval_fn = None
-    if evals is not None:
-        eval_step = make_eval_step(loss_fn, mesh=mesh)
-        batches = fixed_batches(with_ref(evals), cfg.batch_size)
-        eval_fn = lambda s: evaluate(eval_step, s.params, batches,  # noqa: E731
-                                     jax.random.PRNGKey(cfg.seed))
-    data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
-    state, history = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step, data=data,
-                                eval_fn=eval_fn, postfix=("loss", "rewards/accuracy"))
-    result = finish_run(run_dir, model.config, state.params, tokenizer, state)
-    return result | {"state": state, "model": model}
+    return fit(cfg, run_dir=run_dir, tokenizer=tokenizer, model=model, params=params,
+               loss_fn=make_dpo_loss(model, cfg),
+               data=BatchIterator(with_ref(train), batch_size=cfg.batch_size, seed=cfg.seed),
+               eval_batches=(fixed_batches(with_ref(evals), cfg.batch_size)
+                             if evals is not None else None),
+               mesh=mesh, postfix=("loss", "rewards/accuracy"))

@@ -19,11 +19,9 @@ from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.models import token_batch_rewards
 from rlhf_jax.ops.stats import Mean
-from rlhf_jax.pipelines.common import (ModelSpec, evaluate, fixed_batches,
-                                       load_model, load_pairs, make_mesh, prepare_run_dir,
-                                       finish_run)
-from rlhf_jax.train import (LoopConfig, OptimizerConfig, create_train_state, make_eval_step,
-                            make_optimizer, make_schedule, make_train_step, train_loop)
+from rlhf_jax.pipelines.common import (ModelSpec, fit, fixed_batches, load_model, load_pairs,
+                                       make_mesh, prepare_run_dir)
+from rlhf_jax.train import LoopConfig, OptimizerConfig
 from rlhf_jax.types import PreferenceBatch
 
 
@@ -92,22 +90,11 @@ def run(cfg: RewardModelConfig) -> dict:
     model, params = load_model(cfg.model, heads=("reward",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
     loss_fn = make_reward_loss(model, margin=cfg.margin, center_coef=cfg.center_coef)
-    optimizer = make_optimizer(cfg.optimizer)
-    state = create_train_state(params, optimizer, seed=cfg.seed)
-    step = make_train_step(loss_fn, optimizer, micro_batches=cfg.micro_batches, mesh=mesh,
-                           learning_rate=make_schedule(cfg.optimizer))
-    eval_fn = None
-    if evals is not None:
-        eval_step = make_eval_step(loss_fn, mesh=mesh)
 
-        def reward_eval(s):
-            out = evaluate(eval_step, s.params, batches, jax.random.PRNGKey(cfg.seed))
-            out["rewards/std"] = max(out.pop("rewards/sq") - out["rewards/mean"] ** 2, 0.0) ** 0.5
-            return out
+    def with_std(out: dict) -> dict:
+        out["rewards/std"] = max(out.pop("rewards/sq") - out["rewards/mean"] ** 2, 0.0) ** 0.5
+        return out
 
-        eval_fn = reward_eval
-
-    state, history = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step, data=data,
-                                eval_fn=eval_fn, postfix=("loss", "accuracy"))
-    result = finish_run(run_dir, model.config, state.params, tokenizer, state)
-    return result | {"state": state, "model": model}
+    return fit(cfg, run_dir=run_dir, tokenizer=tokenizer, model=model, params=params,
+               loss_fn=loss_fn, data=data, eval_batches=batches, mesh=mesh,
+               postfix=("loss", "accuracy"), eval_post=with_std)

@@ -11,31 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
 from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import sft_loss
 from rlhf_jax.models import token_batch_logprobs
-from rlhf_jax.pipelines.common import (
-    ModelSpec,
-    evaluate,
-    fixed_batches,
-    load_model,
-    load_sft_batch,
-    make_mesh,
-    prepare_run_dir,
-    finish_run,
-)
-from rlhf_jax.train import (
-    LoopConfig,
-    OptimizerConfig,
-    create_train_state,
-    make_eval_step,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
-    train_loop,
-)
+from rlhf_jax.pipelines.common import ModelSpec, fit, fixed_batches, load_model, load_sft_batch, \
+    make_mesh, prepare_run_dir
+from rlhf_jax.train import LoopConfig, OptimizerConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,17 +71,6 @@ def run(cfg: SFTConfig) -> dict:
         lp = token_batch_logprobs(model, p, batch)
         return sft_loss(lp, batch.loss_mask, aggregation=cfg.aggregation)
 
-    optimizer = make_optimizer(cfg.optimizer)
-    state = create_train_state(params, optimizer, seed=cfg.seed)
-    step = make_train_step(loss_fn, optimizer, micro_batches=cfg.micro_batches, mesh=mesh,
-                           learning_rate=make_schedule(cfg.optimizer))
-    eval_fn = None
-    if evals is not None:
-        eval_step = make_eval_step(loss_fn, mesh=mesh)
-        eval_fn = lambda s: evaluate(eval_step, s.params, eval_batches,  # noqa: E731
-                                     jax.random.PRNGKey(cfg.seed))
-    state, history = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step, data=data,
-                                eval_fn=eval_fn, postfix=("loss", "nll"),
-                                tokens_in=lambda b: int(b.attention_mask.sum()))
-    result = finish_run(run_dir, model.config, state.params, tokenizer, state)
-    return result | {"state": state, "model": model}
+    return fit(cfg, run_dir=run_dir, tokenizer=tokenizer, model=model, params=params,
+               loss_fn=loss_fn, data=data, eval_batches=eval_batches, mesh=mesh,
+               postfix=("loss", "nll"), tokens_in=lambda b: int(b.attention_mask.sum()))

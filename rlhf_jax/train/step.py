@@ -139,15 +139,25 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return lambda state, batch: jitted(state, batch, frozen)
 
 
-def make_eval_step(loss_fn: LossFn, *, mesh=None):
+def make_eval_step(loss_fn: LossFn, *, mesh=None, frozen=None):
     """Jitted ``eval(params, batch, key) -> (loss_sum, count, metric accumulators)``.
 
     The loop merges these over the eval set and divides once, so eval figures are exact means.
+    ``frozen`` as in ``make_train_step`` (passed as an argument, ``loss_fn`` gets it last).
     """
-    def evaluate(params, batch, key):
-        return loss_fn(params, batch, key)
+    def evaluate(params, batch, key, frozen_args=None):
+        if frozen is None:
+            return loss_fn(params, batch, key)
+        return loss_fn(params, batch, key, frozen_args)
 
     if mesh is None:
-        return jax.jit(evaluate)
-    rep = replicated(mesh)
-    return jax.jit(evaluate, in_shardings=(rep, batch_sharding(mesh), rep), out_shardings=rep)
+        jitted = jax.jit(evaluate)
+    else:
+        rep = replicated(mesh)
+        shardings = (rep, batch_sharding(mesh), rep) + ((rep,) if frozen is not None else ())
+        jitted = jax.jit(evaluate, in_shardings=shardings, out_shardings=rep)
+        if frozen is not None:
+            frozen = jax.device_put(frozen, rep)
+    if frozen is None:
+        return jitted
+    return lambda params, batch, key: jitted(params, batch, key, frozen)

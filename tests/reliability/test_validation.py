@@ -55,9 +55,11 @@ class _NoJit(types.ModuleType):
 def no_jit(monkeypatch):
     """No ``jax.jit`` and no sampler in any pipeline module (models may still be built)."""
     for mod in MODULES:
-        monkeypatch.setattr(mod, "jax", _NoJit())
-        if hasattr(mod, "make_sampler"):
-            monkeypatch.setattr(mod, "make_sampler", _sentinel("make_sampler"))
+        if hasattr(mod, "jax"):
+            monkeypatch.setattr(mod, "jax", _NoJit())
+        for name in ("make_sampler", "fit"):  # fit builds and jits the supervised stages' steps
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, _sentinel(name))
 
 
 @pytest.fixture
