@@ -52,6 +52,8 @@ class LoopConfig:
     """Show a progress bar (stderr)."""
     tensorboard: bool = True
     """Also write TensorBoard event files."""
+    console: bool = True
+    """Print every evaluation's metrics to stderr (training metrics are on the progress bar)."""
     eval_at_start: bool = True
     """Evaluate the initial state too (step 0, fresh runs only): the baseline of every curve."""
 
@@ -169,6 +171,9 @@ def train_loop(
         jsonl.write(step, {"split": split} | row)
         if tb is not None:
             tb.write(step, {f"{split}/{k}": v for k, v in row.items()})
+        if cfg.console and split == "eval":  # the console sink: train figures are on the bar
+            _console(bar, f"step {step} eval: " + ", ".join(
+                f"{k}={float(v):.4g}" for k, v in sorted(row.items())))
 
     def save(step: int) -> None:
         ckpt.save(step, state, {"data": data.state(), "step": step}, force=True)
@@ -222,6 +227,13 @@ def train_loop(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return state, history
+
+
+def _console(bar, line: str) -> None:
+    if bar is not None:
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr)
 
 
 def _main_thread() -> bool:

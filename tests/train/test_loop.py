@@ -213,3 +213,16 @@ def test_non_finite_stops_after_max_consecutive_skips(tmp_path):
 def test_loop_config_validation(bad):
     with pytest.raises(ValueError):
         LoopConfig(**bad)
+
+
+def test_console_sink_prints_every_evaluation(tmp_path, capsys):
+    state, rows = train_loop(cfg(3), run_dir=str(tmp_path), state=fresh_state(), step_fn=STEP,
+                             data=ArraySource(), eval_fn=eval_fn)
+    err = capsys.readouterr().err
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3]
+    for r in evals:  # one line per evaluation, with the same (rounded) figure as metrics.jsonl
+        assert f"step {r['step']} eval: loss={r['loss']:.4g}" in err
+    state, _ = train_loop(cfg(3, console=False), run_dir=str(tmp_path / "quiet"),
+                          state=fresh_state(), step_fn=STEP, data=ArraySource(), eval_fn=eval_fn)
+    assert "eval:" not in capsys.readouterr().err
