@@ -4,8 +4,8 @@ single-device result.
 Runs on 8 virtual CPU devices (``tests/conftest.py`` sets
 ``--xla_force_host_platform_device_count=8``). Arrays whose leading axis is the batch are
 sharded along it with ``NamedSharding(mesh, P("data"))``; scalars are replicated. ``CASES`` must
-name every public function of ``rlhf_jax.ops`` and ``rlhf_jax.losses`` (checked below), so a new
-function cannot skip this test.
+name every public function of ``rlhf_jax.ops``, ``rlhf_jax.losses`` and
+``rlhf_jax.models.scoring`` (checked below), so a new function cannot skip this test.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import rlhf_jax.losses as L
+import rlhf_jax.models.scoring as S
 import rlhf_jax.ops as O
+from rlhf_jax.models import get_preset, init_model
+from rlhf_jax.types import TokenBatch
 from tests.helpers import random_mask, right_padded_mask
 from tests.test_coverage import public_functions
 
@@ -117,6 +120,36 @@ CASES = {
         a["logits"], a["logits2"], a["mask"]),
     "jsd_distill_loss": lambda a: L.jsd_distill_loss(
         a["logits"], a["logits2"], a["mask"], beta=0.7, aggregation="seq_mean_token_mean"),
+}
+
+
+MODEL, PARAMS = init_model(get_preset(
+    "toy-1m", vocab_size=V, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+    num_kv_heads=1, heads=("lm", "value", "reward")), jax.random.PRNGKey(0))
+P_LEN = 5  # prompt columns of the token array; the rest is the completion
+
+
+def _token_batch(a) -> TokenBatch:
+    m = a["pad_mask"].astype(bool)
+    return TokenBatch(a["tokens"] * m, m & (jnp.arange(T) > 0), m, m.astype(jnp.int32),
+                      jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0))
+
+
+def _rollout(a):
+    return (a["tokens"][:, :P_LEN], jnp.ones((B, P_LEN), bool), a["tokens"][:, P_LEN:],
+            a["pad_mask"][:, P_LEN:].astype(bool))
+
+
+CASES |= {
+    "token_batch_logprobs": lambda a: S.token_batch_logprobs(MODEL, PARAMS, _token_batch(a),
+                                                             temperature=0.7),
+    "token_batch_logits": lambda a: S.token_batch_logits(MODEL, PARAMS, _token_batch(a)),
+    "sequence_logprob_sums": lambda a: S.sequence_logprob_sums(MODEL, PARAMS, _token_batch(a)),
+    "token_batch_rewards": lambda a: S.token_batch_rewards(MODEL, PARAMS, _token_batch(a)),
+    "score_completions": lambda a: S.score_completions(MODEL, PARAMS, *_rollout(a),
+                                                       entropy=True, values=True),
+    "completion_values": lambda a: S.completion_values(MODEL, PARAMS, *_rollout(a)),
+    "sequence_rewards": lambda a: S.sequence_rewards(MODEL, PARAMS, *_rollout(a)),
 }
 
 

@@ -80,7 +80,12 @@ class _Crash(Exception):
 
 def _run(module, cfg, kwargs, monkeypatch, *, crash_after: int | None = None) -> dict:
     """One invocation of the stage; records the step it started from; optionally crashes."""
-    real = module.train_loop
+    import rlhf_jax.train as train_pkg
+
+    # the supervised stages reach the loop through pipelines.common.fit (which imports it from
+    # rlhf_jax.train when called); PPO and GRPO import it at module level
+    target = module if hasattr(module, "train_loop") else train_pkg
+    real = target.train_loop
     seen = {}
 
     def train_loop(loop_cfg, *, step_fn, **kw):
@@ -94,7 +99,7 @@ def _run(module, cfg, kwargs, monkeypatch, *, crash_after: int | None = None) ->
         return real(loop_cfg, step_fn=step, **kw)
 
     with monkeypatch.context() as m:
-        m.setattr(module, "train_loop", train_loop)
+        m.setattr(target, "train_loop", train_loop)
         if crash_after is None:
             return module.run(cfg, **kwargs) | {"first": seen.get("first")}
         with pytest.raises(_Crash, match=f"simulated crash in step {crash_after + 1}"):
