@@ -140,7 +140,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
 
 def make_eval_step(loss_fn: LossFn, *, mesh=None, frozen=None):
-    """Jitted ``eval(params, batch, key) -> (loss_sum, count, metric accumulators)``.
+    """Jitted ``evaluate(params, batch, key) -> (loss_sum, count, metric accumulators)``.
 
     The loop merges these over the eval set and divides once, so eval figures are exact means.
     ``frozen`` as in ``make_train_step`` (passed as an argument, ``loss_fn`` gets it last).
