@@ -40,15 +40,13 @@ from rlhf_jax.losses import grpo_loss
 from rlhf_jax.models import score_completions, sequence_rewards
 from rlhf_jax.ops import (group_advantages, masked_mean, reinforce_pp_advantages,
                           rloo_advantages)
-from rlhf_jax.ops.stats import compute_metrics
 from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, load_model, make_mesh,
                                        prepare_run_dir, finish_run)
 from rlhf_jax.pipelines.rollouts import (RewardFn, RolloutEval, call_reward_fns,
                                          decode_completions, load_prompts)
 from rlhf_jax.sampling import SamplingConfig, make_sampler
-from rlhf_jax.train import (LoopConfig, OptimizerConfig, accumulate, create_train_state,
-                            guarded_update, make_optimizer, merge_stacked_metrics, step_key,
-                            train_loop)
+from rlhf_jax.train import (LoopConfig, OptimizerConfig, create_train_state, make_optimizer,
+                            minibatch_updates, step_key, train_loop)
 
 
 def _adv_group(r, mask, g):
@@ -169,7 +167,6 @@ def make_grpo_functions(cfg: GRPOConfig, policy, reference, sampling, optimizer)
             live = live & ~out.truncated
         loss_mask = mask & live[:, None]
         batch = (out.prompt_tokens, out.prompt_mask, out.tokens, loss_mask, old, ref, adv)
-        n, k = rewards.shape[0], cfg.num_minibatches
 
         def loss_fn(params, mb, _key):
             p, pm, c, m, o, r, a = mb
@@ -179,23 +176,10 @@ def make_grpo_functions(cfg: GRPOConfig, policy, reference, sampling, optimizer)
                              clip_eps_low=cfg.clip_eps_low, clip_eps_high=clip_high,
                              aggregation=var.aggregation, max_tokens=max_tokens)
 
-        def one(carry, xs):
-            params, opt_state, bad = carry
-            idx, mkey = xs
-            mb = jax.tree.map(lambda x: x[idx], batch)
-            grads, total, count, metrics = accumulate(loss_fn, params, mb, mkey, 1)
-            params, opt_state, loss, gnorm, ok = guarded_update(optimizer, params, opt_state,
-                                                                grads, total, count)
-            return (params, opt_state, bad + (~ok).astype(jnp.int32)), (metrics, loss, gnorm)
-
-        key = jax.random.fold_in(step_key(state), 1)
-        idx = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), n)
-                               .reshape(k, n // k) for e in range(cfg.num_iterations)])
-        (params, opt_state, bad), (accs, losses, gnorms) = jax.lax.scan(
-            one, (state.params, state.opt_state, jnp.int32(0)),
-            (idx, jax.random.split(key, idx.shape[0])))
-        metrics = compute_metrics(merge_stacked_metrics(accs))
-        metrics |= {"loss": jnp.mean(losses), "grad_norm": jnp.mean(gnorms)}
+        params, opt_state, bad, metrics = minibatch_updates(
+            loss_fn, optimizer, state.params, state.opt_state, batch,
+            jax.random.fold_in(step_key(state), 1), epochs=cfg.num_iterations,
+            num_minibatches=cfg.num_minibatches)
         fm = mask.astype(jnp.float32)
         metrics |= {"reward": jnp.mean(rewards), "reward_std": jnp.std(rewards),
                     "reward_group_std": jnp.mean(jnp.std(g, 1)),

@@ -30,14 +30,13 @@ from rlhf_jax.losses import entropy_bonus, ppo_policy_loss, value_loss
 from rlhf_jax.models import completion_values, score_completions, sequence_rewards
 from rlhf_jax.ops import (KL_CONTROLLERS, KL_ESTIMATORS, aggregate_loss, gae_advantages,
                           kl_controller_init, kl_k1, masked_mean, masked_whiten)
-from rlhf_jax.ops.stats import Mean, compute_metrics
+from rlhf_jax.ops.stats import Mean
 from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, load_model, make_mesh,
                                        prepare_run_dir, finish_run)
 from rlhf_jax.pipelines.rollouts import RewardFn, RolloutEval, load_prompts
 from rlhf_jax.sampling import SamplingConfig, make_sampler
-from rlhf_jax.train import (LoopConfig, OptimizerConfig, accumulate, create_train_state,
-                            guarded_update, make_optimizer, merge_stacked_metrics, step_key,
-                            train_loop)
+from rlhf_jax.train import (LoopConfig, OptimizerConfig, create_train_state, make_optimizer,
+                            minibatch_updates, step_key, train_loop)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -219,31 +218,15 @@ def make_ppo_functions(cfg: PPOConfig, models: Models, sampling: SamplingConfig,
         return total, count, metrics
 
     def update(state, batch: Rollout, rollout_kl):
-        b, k = batch.completion.shape[0], cfg.num_minibatches
-        key = jax.random.fold_in(step_key(state), 1)
+        b = batch.completion.shape[0]
         kl_coef = state.algo.kl_coef
-
-        def one(carry, xs):
-            params, opt_state, bad = carry
-            idx, mkey = xs
-            mb = jax.tree.map(lambda x: x[idx], batch)
-            grads, total, count, metrics = accumulate(
-                lambda p, d, _k: loss_fn(p, d, kl_coef), params, mb, mkey, 1)
-            params, opt_state, loss, gnorm, ok = guarded_update(optimizer, params, opt_state,
-                                                                grads, total, count)
-            return (params, opt_state, bad + (~ok).astype(jnp.int32)), (metrics, loss, gnorm)
-
-        perms = [jax.random.permutation(jax.random.fold_in(key, e), b).reshape(k, b // k)
-                 for e in range(cfg.ppo_epochs)]
-        idx = jnp.concatenate(perms, axis=0)
-        keys = jax.random.split(key, idx.shape[0])
-        (params, opt_state, bad), (accs, losses, gnorms) = jax.lax.scan(
-            one, (state.params, state.opt_state, jnp.int32(0)), (idx, keys))
+        params, opt_state, bad, metrics = minibatch_updates(
+            lambda p, d, _k: loss_fn(p, d, kl_coef), optimizer, state.params, state.opt_state,
+            batch, jax.random.fold_in(step_key(state), 1), epochs=cfg.ppo_epochs,
+            num_minibatches=cfg.num_minibatches)
         algo = KL_CONTROLLERS[cfg.kl_controller](state.algo, observed_kl=rollout_kl,
                                                  n_steps=b, target=cfg.kl_target,
                                                  horizon=cfg.kl_horizon)
-        metrics = compute_metrics(merge_stacked_metrics(accs))
-        metrics |= {"loss": jnp.mean(losses), "grad_norm": jnp.mean(gnorms)}
         metrics["update_skipped"] = bad.astype(jnp.float32)
         new = state._replace(step=state.step + 1, params=params, opt_state=opt_state, algo=algo,
                              skipped=jnp.where(bad > 0, state.skipped + 1, 0).astype(jnp.int32))

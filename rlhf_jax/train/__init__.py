@@ -6,13 +6,13 @@ from rlhf_jax.train.optim import SCHEDULES, OptimizerConfig, make_optimizer, mak
 from rlhf_jax.train.sinks import JsonlSink, TensorBoardSink, read_jsonl_metrics
 from rlhf_jax.train.state import TrainState, create_train_state, step_key
 from rlhf_jax.train.step import (accumulate, guarded_update, make_eval_step, make_train_step,
-                                 merge_stacked_metrics)
+                                 merge_stacked_metrics, minibatch_updates)
 
 __all__ = [
     "TrainState", "create_train_state", "step_key",
     "OptimizerConfig", "make_optimizer", "make_schedule", "SCHEDULES",
     "make_train_step", "make_eval_step", "accumulate", "guarded_update",
-    "merge_stacked_metrics",
+    "merge_stacked_metrics", "minibatch_updates",
     "LoopConfig", "train_loop", "NonFiniteError",
     "Checkpointer", "JsonlSink", "TensorBoardSink", "read_jsonl_metrics",
 ]

@@ -96,6 +96,40 @@ def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, g
     return keep(new_params, params), keep(new_opt, opt_state), loss, grad_norm, ok
 
 
+def minibatch_updates(loss_fn: LossFn, optimizer: optax.GradientTransformation, params,
+                      opt_state, batch, key, *, epochs: int, num_minibatches: int):
+    """``epochs`` shuffled passes over ``batch``, one guarded optimizer update per minibatch, in
+    one ``lax.scan`` (PPO's epochs, GRPO's iterations).
+
+    Epoch ``e`` uses the permutation ``permutation(fold_in(key, e), B)`` split into
+    ``num_minibatches`` slices. Returns ``(params, opt_state, skipped, metrics)``: ``skipped``
+    counts minibatch updates dropped as non-finite; ``metrics`` are the loss's accumulators merged
+    over every minibatch (exact), plus the mean minibatch ``loss`` and ``grad_norm``.
+    """
+    batch = jax.tree.map(jnp.asarray, batch)  # host arrays cannot be indexed by a traced index
+    b = jax.tree.leaves(batch)[0].shape[0]
+    if b % num_minibatches:
+        raise ValueError(f"batch {b} is not divisible by num_minibatches={num_minibatches}")
+
+    def one(carry, xs):
+        params, opt_state, bad = carry
+        idx, mkey = xs
+        mb = jax.tree.map(lambda x: x[idx], batch)
+        grads, total, count, metrics = accumulate(loss_fn, params, mb, mkey, 1)
+        params, opt_state, loss, gnorm, ok = guarded_update(optimizer, params, opt_state,
+                                                            grads, total, count)
+        return (params, opt_state, bad + (~ok).astype(jnp.int32)), (metrics, loss, gnorm)
+
+    idx = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), b)
+                           .reshape(num_minibatches, b // num_minibatches)
+                           for e in range(epochs)])
+    (params, opt_state, bad), (accs, losses, gnorms) = jax.lax.scan(
+        one, (params, opt_state, jnp.int32(0)), (idx, jax.random.split(key, idx.shape[0])))
+    metrics = compute_metrics(merge_stacked_metrics(accs))
+    metrics |= {"loss": jnp.mean(losses), "grad_norm": jnp.mean(gnorms)}
+    return params, opt_state, bad, metrics
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
                     micro_batches: int = 1, mesh=None,
                     learning_rate: optax.Schedule | None = None, frozen=None):
