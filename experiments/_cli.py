@@ -51,6 +51,11 @@ def parse_overrides(cfg, argv: list[str]):
 
 
 def main(get_config, run, argv: list[str] | None = None):
-    """Entry point shared by the experiment modules."""
+    """Entry point shared by the experiment modules. Joins a multi-process run first when one
+    was launched (``parallel.initialize_distributed``: SLURM, TPU pod, or the ``RLHF_JAX_*``
+    variables); a plain launch stays one process."""
+    from rlhf_jax.parallel import initialize_distributed
+
+    initialize_distributed()
     cfg = parse_overrides(get_config(), sys.argv[1:] if argv is None else argv)
     return run(cfg)

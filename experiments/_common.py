@@ -13,10 +13,25 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import Tokenizer, train_bpe_tokenizer
+from rlhf_jax.parallel import is_main_process
 from rlhf_jax.pipelines.common import ModelSpec, load_model, write_json
 from rlhf_jax.pipelines.rollouts import decode_completions, load_prompts
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import read_jsonl_metrics
+
+
+def main_first(fn: Callable[[], object]):
+    """``fn()`` run by process 0 alone (it writes files the stages then read), its JSON-able
+    result handed to every process; the others wait for it. Just ``fn()`` in one process."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    main = is_main_process()
+    payload = json.dumps(fn() if main else None).encode()
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+    buf = np.frombuffer(payload, np.uint8) if main else np.zeros(size, np.uint8)
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
 
 
 def tokenizer_for(run_dir: str, texts: Sequence[str], *, vocab_size: int) -> str:
@@ -71,6 +86,8 @@ def mean_score(score: Callable[[str, str], float], rows, texts) -> float:
 
 def write_samples(path: str, rows, texts, scorers: Mapping[str, Callable[[str, str], float]],
                   limit: int = 32) -> None:
+    if not is_main_process():
+        return
     with open(path, "w", encoding="utf-8") as f:
         for row, ts in list(zip(rows, texts))[:limit]:
             rec = {"prompt": row["prompt"], "completion": ts[0]}
@@ -86,6 +103,8 @@ def combine_metrics(run_dir: str, stages: Sequence[str]) -> list[dict]:
         path = os.path.join(run_dir, stage, "metrics.jsonl")
         if os.path.exists(path):
             rows += [{"stage": stage} | r for r in read_jsonl_metrics(path)]
+    if not is_main_process():
+        return rows
     with open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
@@ -107,7 +126,7 @@ class Timer:
 
 def write_summary(path: str, title: str, sections: Mapping[str, Mapping[str, object]],
                   notes: Sequence[str] = ()) -> None:
-    """``summary.md``: one two-column table per section."""
+    """``summary.md``: one two-column table per section, also printed (by process 0)."""
     lines = [f"# {title}", ""]
     for name, table in sections.items():
         lines += [f"## {name}", "", "| quantity | value |", "|---|---|"]
@@ -116,11 +135,16 @@ def write_summary(path: str, title: str, sections: Mapping[str, Mapping[str, obj
             lines.append(f"| {k} | {v} |")
         lines.append("")
     lines += list(notes)
+    if not is_main_process():
+        return
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def save_config(run_dir: str, cfg) -> None:
     os.makedirs(run_dir, exist_ok=True)
+    if not is_main_process():
+        return
     write_json(os.path.join(run_dir, "experiment_config.json"),
                {"kind": type(cfg).__name__} | dataclasses.asdict(cfg))

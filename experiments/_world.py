@@ -15,6 +15,7 @@ from experiments.tasks import preference_world as world
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.models import score_completions
 from rlhf_jax.ops import kl_k1
+from rlhf_jax.parallel import parse_mesh
 from rlhf_jax.pipelines import ModelSpec, ppo, reward_model, sft
 from rlhf_jax.pipelines.common import load_model
 from rlhf_jax.pipelines.rollouts import decode_completions, load_prompts
@@ -50,7 +51,9 @@ class WorldConfig:
     rm_lr: float = 5e-4
     max_new_tokens: int = 20
     temperature: float = 1.0
-    data_parallel: bool = False
+    mesh: str = "auto"
+    """Device mesh: "auto" (data parallel over all devices), "none" (one device) or
+    DATAxFSDPxTENSOR such as "2x4x1"."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,10 +77,15 @@ def prepare(cfg: WorldConfig) -> tuple[str, dict, dict, str]:
     """``(run_dir, paths, stats, tokenizer_dir)``: the task's JSONL files and tokenizer."""
     run_dir = os.path.join(cfg.runs_root, cfg.name)
     common.save_config(run_dir, cfg)
-    data = world.write_datasets(os.path.join(run_dir, "data"), seed=cfg.seed, n_sft=cfg.n_sft,
-                                n_pref=cfg.n_pref, n_prompts=cfg.n_prompts,
-                                n_eval_prompts=cfg.n_eval_prompts)
-    tok = common.tokenizer_for(run_dir, world.corpus(cfg.seed), vocab_size=cfg.vocab_size)
+
+    def write() -> tuple[dict, str]:  # process 0 writes, every process reads
+        data = world.write_datasets(os.path.join(run_dir, "data"), seed=cfg.seed,
+                                    n_sft=cfg.n_sft, n_pref=cfg.n_pref, n_prompts=cfg.n_prompts,
+                                    n_eval_prompts=cfg.n_eval_prompts)
+        return data, common.tokenizer_for(run_dir, world.corpus(cfg.seed),
+                                          vocab_size=cfg.vocab_size)
+
+    data, tok = common.main_first(write)
     return run_dir, data["paths"], data["stats"], tok
 
 
@@ -90,7 +98,7 @@ def train_sft(cfg: WorldConfig, run_dir: str, paths: dict, tok: str, *,
         output_dir=os.path.join(run_dir, stage),
         model=model or ModelSpec(preset="toy-1m", overrides=arch), max_length=48,
         packing=True, batch_size=cfg.sft_batch_size, seed=cfg.seed,
-        data_parallel=cfg.data_parallel,
+        mesh=parse_mesh(cfg.mesh),
         optimizer=OptimizerConfig(
             learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
             total_steps=cfg.sft_steps, weight_decay=0.01),
@@ -102,7 +110,7 @@ def train_rm(cfg: WorldConfig, run_dir: str, paths: dict, tok: str, sft_dir: str
         train_data=paths["preference"], eval_data=paths["preference_eval"], tokenizer=tok,
         output_dir=os.path.join(run_dir, "reward_model"), model=ModelSpec(path=sft_dir),
         max_prompt_length=MAX_PROMPT, max_length=56, batch_size=cfg.rm_batch_size,
-        seed=cfg.seed, data_parallel=cfg.data_parallel,
+        seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
         optimizer=OptimizerConfig(
             learning_rate=cfg.rm_lr, warmup_steps=min(20, cfg.rm_steps // 10),
             total_steps=cfg.rm_steps, weight_decay=0.01),
@@ -122,7 +130,7 @@ def train_ppo(cfg: PPOWorldConfig, run_dir: str, paths: dict, tok: str, sft_dir:
         ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches,
         kl_coef=cfg.kl_coef if kl_coef is None else kl_coef, kl_controller=cfg.kl_controller,
         missing_eos_penalty=cfg.missing_eos_penalty,
-        seed=cfg.seed, data_parallel=cfg.data_parallel,
+        seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
         optimizer=OptimizerConfig(learning_rate=cfg.ppo_lr, schedule="constant",
                                   total_steps=steps, max_grad_norm=1.0),
         loop=LoopConfig(total_steps=steps, log_every=2, eval_every=cfg.eval_every,

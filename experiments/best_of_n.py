@@ -83,7 +83,6 @@ def run(cfg: Config) -> dict:
     times = {f"{k} (s)": round(v, 1) for k, v in timer.times.items()}
     common.write_summary(os.path.join(run_dir, "summary.md"), f"best_of_n: {cfg.name}",
                          {"Best-of-N sweep": table, "Wall time": times})
-    print(open(os.path.join(run_dir, "summary.md"), encoding="utf-8").read())
     return {"run_dir": run_dir, "points": points, "dataset": big}
 
 

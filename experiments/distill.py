@@ -22,6 +22,7 @@ from experiments import _common as common
 from experiments._cli import main
 from experiments._world import MAX_PROMPT, WorldConfig, prepare, train_sft
 from rlhf_jax.data import Tokenizer
+from rlhf_jax.parallel import parse_mesh
 from rlhf_jax.pipelines import ModelSpec, distill
 from rlhf_jax.pipelines.common import evaluate, fixed_batches, load_model, load_sft_batch
 from rlhf_jax.train import LoopConfig, OptimizerConfig, plots
@@ -52,6 +53,13 @@ def _student(cfg: Config) -> ModelSpec:
 
 def write_teacher_samples(teacher_dir: str, tok: str, prompts: str, out: str, cfg: Config,
                           seed: int) -> str:
+    """Sample the teacher into an SFT JSONL file (process 0 writes; the others wait)."""
+    return common.main_first(lambda: _write_teacher_samples(teacher_dir, tok, prompts, out, cfg,
+                                                            seed))
+
+
+def _write_teacher_samples(teacher_dir: str, tok: str, prompts: str, out: str, cfg: Config,
+                           seed: int) -> str:
     rows, texts = common.sample_texts(teacher_dir, tok, prompts, n=cfg.samples_per_prompt,
                                       max_prompt_length=MAX_PROMPT,
                                       max_new_tokens=cfg.max_new_tokens,
@@ -99,7 +107,7 @@ def run(cfg: Config) -> dict:
         train_data=train, eval_data=held, tokenizer=tok, teacher=ModelSpec(path=teacher),
         student=_student(cfg), output_dir=os.path.join(run_dir, "distill"), loss=cfg.loss,
         max_length=48, batch_size=cfg.student_batch_size, optimizer=opt, loop=loop,
-        seed=cfg.seed, data_parallel=cfg.data_parallel))
+        seed=cfg.seed, mesh=parse_mesh(cfg.mesh)))
     small = dataclasses.replace(cfg, sft_steps=cfg.student_steps, sft_lr=cfg.student_lr,
                                 sft_batch_size=cfg.student_batch_size)
     sft_student = timer("student sft", train_sft, small, run_dir, paths, tok, train_data=train,
@@ -118,7 +126,6 @@ def run(cfg: Config) -> dict:
     common.write_summary(os.path.join(run_dir, "summary.md"), f"distill: {cfg.name}",
                          {"Student vs teacher (token-mean KL on held-out teacher samples)": table,
                           "Wall time": times})
-    print(open(os.path.join(run_dir, "summary.md"), encoding="utf-8").read())
     return {"run_dir": run_dir, "distilled": kl_d, "sft": kl_s}
 
 

@@ -16,6 +16,7 @@ from experiments import _common as common
 from experiments._cli import main
 from experiments._world import MAX_PROMPT, WorldConfig, policy_report, prepare, train_sft
 from experiments.tasks import preference_world as world
+from rlhf_jax.parallel import parse_mesh
 from rlhf_jax.pipelines import ModelSpec, dpo
 from rlhf_jax.train import LoopConfig, OptimizerConfig, plots
 
@@ -42,7 +43,7 @@ def train_dpo(cfg: Config, run_dir: str, paths: dict, tok: str, sft_dir: str, *,
         policy=ModelSpec(path=sft_dir), output_dir=os.path.join(run_dir, stage),
         loss=cfg.loss, beta=cfg.beta if beta is None else beta,
         max_prompt_length=MAX_PROMPT, max_length=56, batch_size=cfg.dpo_batch_size,
-        seed=cfg.seed, data_parallel=cfg.data_parallel,
+        seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
         optimizer=OptimizerConfig(
             learning_rate=cfg.dpo_lr, warmup_steps=min(10, cfg.dpo_steps // 10),
             total_steps=cfg.dpo_steps),
@@ -79,7 +80,6 @@ def run(cfg: Config) -> dict:
     times = {f"{k} (s)": round(v, 1) for k, v in timer.times.items()}
     common.write_summary(os.path.join(run_dir, "summary.md"), f"dpo_preference: {cfg.name}",
                          {"Outcome": outcome, "Wall time": times})
-    print(open(os.path.join(run_dir, "summary.md"), encoding="utf-8").read())
     return {"run_dir": run_dir, "outcome": outcome}
 
 

@@ -13,6 +13,7 @@ tokenizer, ``sft/`` and ``grpo/`` stages, ``plots/grpo.png`` and ``summary.md``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from experiments import _common as common
 from experiments._cli import main
 from experiments.tasks import arithmetic
+from rlhf_jax.parallel import is_main_process, parse_mesh
 from rlhf_jax.pipelines import ModelSpec, grpo, sft
 from rlhf_jax.rewards import exact_match, exact_match_reward
 from rlhf_jax.train import LoopConfig, OptimizerConfig, plots
@@ -54,7 +56,9 @@ class Config:
     max_new_tokens: int = 6
     temperature: float = 1.0
     eval_every: int = 50
-    data_parallel: bool = False
+    mesh: str = "auto"
+    """Device mesh: "auto" (data parallel over all devices), "none" (one device) or
+    DATAxFSDPxTENSOR such as "2x4x1"."""
 
 
 def get_config() -> Config:
@@ -75,26 +79,31 @@ def run(cfg: Config) -> dict:
     timer = common.Timer()
     run_dir = os.path.join(cfg.runs_root, cfg.name)
     common.save_config(run_dir, cfg)
-    data = arithmetic.write_datasets(os.path.join(run_dir, "data"), seed=cfg.seed,
-                                     n_sft=cfg.n_sft, n_train=cfg.n_train, n_eval=cfg.n_eval,
-                                     wrong_fraction=cfg.wrong_fraction,
-                                     max_operand=cfg.max_operand)
+
+    def write() -> tuple[dict, str]:  # process 0 writes, every process reads
+        data = arithmetic.write_datasets(os.path.join(run_dir, "data"), seed=cfg.seed,
+                                         n_sft=cfg.n_sft, n_train=cfg.n_train,
+                                         n_eval=cfg.n_eval, wrong_fraction=cfg.wrong_fraction,
+                                         max_operand=cfg.max_operand)
+        seen = os.path.join(run_dir, "data", "train_prompts_subset.jsonl")
+        with open(data["paths"]["train_prompts"], encoding="utf-8") as src, \
+                open(seen, "w", encoding="utf-8") as dst:
+            dst.writelines(src.readlines()[:cfg.n_eval])
+        corpus = arithmetic.corpus(cfg.seed, max_operand=cfg.max_operand)
+        return data, common.tokenizer_for(run_dir, corpus, vocab_size=cfg.vocab_size)
+
+    data, tok = common.main_first(write)
     paths = data["paths"]
-    tok = common.tokenizer_for(run_dir, arithmetic.corpus(cfg.seed, max_operand=cfg.max_operand),
-                               vocab_size=cfg.vocab_size)
     arch = common.model_overrides(cfg)
     sft_res = timer("sft", sft.run, sft.SFTConfig(
         train_data=paths["sft"], tokenizer=tok, output_dir=os.path.join(run_dir, "sft"),
         model=ModelSpec(preset="toy-1m", overrides=arch), max_length=32, packing=True,
-        batch_size=32, seed=cfg.seed, data_parallel=cfg.data_parallel,
+        batch_size=32, seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
         optimizer=OptimizerConfig(
             learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
             total_steps=cfg.sft_steps, weight_decay=0.01),
         loop=LoopConfig(total_steps=cfg.sft_steps, log_every=20, save_every=cfg.sft_steps)))
     seen = os.path.join(run_dir, "data", "train_prompts_subset.jsonl")
-    with open(paths["train_prompts"], encoding="utf-8") as src, \
-            open(seen, "w", encoding="utf-8") as dst:
-        dst.writelines(src.readlines()[:cfg.n_eval])
 
     def rates(model_dir):
         """Greedy and sampled exact match, on held-out problems and on training prompts."""
@@ -113,7 +122,7 @@ def run(cfg: Config) -> dict:
         output_dir=os.path.join(run_dir, "grpo"), max_prompt_length=MAX_PROMPT,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, kl_coef=cfg.kl_coef,
-        seed=cfg.seed, data_parallel=cfg.data_parallel,
+        seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
         optimizer=OptimizerConfig(learning_rate=cfg.grpo_lr, schedule="constant",
                                   total_steps=cfg.grpo_steps),
         loop=LoopConfig(total_steps=cfg.grpo_steps, log_every=5, eval_every=cfg.eval_every,
@@ -129,11 +138,11 @@ def run(cfg: Config) -> dict:
                       title=f"{cfg.variant}: training rollouts")
     plots.plot_curves(g, ["reward/exact_match"], os.path.join(run_dir, "plots", "grpo_eval.png"),
                       split="eval", title=f"{cfg.variant}: greedy exact match (eval)")
-    with open(os.path.join(run_dir, "samples_after.jsonl"), "w", encoding="utf-8") as f:
-        import json
-        for r, t in samples[:32]:
-            f.write(json.dumps({"prompt": r["prompt"], "completion": t[0],
-                                "answer": r["answer"]}) + "\n")
+    if is_main_process():
+        with open(os.path.join(run_dir, "samples_after.jsonl"), "w", encoding="utf-8") as f:
+            for r, t in samples[:32]:
+                f.write(json.dumps({"prompt": r["prompt"], "completion": t[0],
+                                    "answer": r["answer"]}) + "\n")
     outcome = {"variant": cfg.variant,
                "SFT data wrong-answer fraction": cfg.wrong_fraction}
     for k in before:
@@ -142,7 +151,6 @@ def run(cfg: Config) -> dict:
     times = {f"{k} (s)": round(v, 1) for k, v in timer.times.items()}
     common.write_summary(os.path.join(run_dir, "summary.md"), f"grpo_arithmetic: {cfg.name}",
                          {"Outcome": outcome, "Wall time": times})
-    print(open(os.path.join(run_dir, "summary.md"), encoding="utf-8").read())
     return {"run_dir": run_dir, "outcome": outcome, "before": before, "after": after}
 
 

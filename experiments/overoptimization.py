@@ -73,7 +73,6 @@ def run(cfg: Config) -> dict:
     times = {f"{k} (s)": round(v, 1) for k, v in timer.times.items()}
     common.write_summary(os.path.join(run_dir, "summary.md"), f"overoptimization: {cfg.name}",
                          {"Gold vs proxy": table, "Wall time": times})
-    print(open(os.path.join(run_dir, "summary.md"), encoding="utf-8").read())
     return {"run_dir": run_dir, "ppo_eval": ev, "best_of_n": bon}
 
 

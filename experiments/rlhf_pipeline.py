@@ -94,7 +94,6 @@ def run(cfg: Config) -> dict:
                          ["Plots: `plots/`. Samples: `samples_before.jsonl`, "
                           "`samples_after.jsonl`. Metrics: `metrics.jsonl`, TensorBoard: "
                           f"`tensorboard --logdir {run_dir}`."])
-    print(open(os.path.join(run_dir, "summary.md"), encoding="utf-8").read())
     return {"run_dir": run_dir, "outcome": outcome, "times": timer.times}
 
 

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                  num_kv_heads=1)
+                  num_kv_heads=1, mesh="none")  # one device: meshes are tests/pipelines' work
 TINY_WORLD = dict(n_sft=64, n_pref=64, n_prompts=32, n_eval_prompts=16, sft_steps=4,
                   sft_batch_size=8, rm_steps=3, rm_batch_size=8, max_new_tokens=6, **TINY_MODEL)
 TINY_PPO = dict(ppo_steps=2, rollout_batch_size=8, num_minibatches=2, eval_every=1)

@@ -82,3 +82,27 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     except (AssertionError, NotImplementedError, ValueError):  # unusual topologies: plain order
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, AXES)
+
+
+def parse_mesh(text: str) -> MeshConfig | None:
+    """A mesh from its command-line spelling: ``"auto"`` (``MeshConfig()``: data parallel over
+    every device), ``"none"`` (one device) or ``"DATAxFSDPxTENSOR"`` such as ``"2x4x1"`` or
+    ``"-1x2x1"`` (one ``-1`` = the rest).
+
+    >>> parse_mesh("2x-1x1")
+    MeshConfig(data=2, fsdp=-1, tensor=1)
+    """
+    spelled = text.strip().lower()
+    if spelled == "auto":
+        return MeshConfig()
+    if spelled in ("none", "off", "1"):
+        return None
+    parts = spelled.split("x")
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3:
+        raise ValueError(f"mesh {text!r}: expected 'auto', 'none' or DATAxFSDPxTENSOR "
+                         f"such as '2x4x1' (one axis may be -1)")
+    return MeshConfig(data=sizes[0], fsdp=sizes[1], tensor=sizes[2])

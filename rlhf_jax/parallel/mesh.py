@@ -1,28 +1,20 @@
-"""Data-parallel mesh over the local devices, and the shardings the trainer places arrays with.
+"""A 1-D data-parallel mesh over the local devices (the simplest mesh; ``config.make_mesh``
+builds the named ``data x fsdp x tensor`` one).
 
-A batch is split along its leading axis over the ``data`` mesh axis; parameters and optimizer
-state are replicated. ``jax.jit`` with these shardings is the current form of ``pmap``: XLA
-inserts the gradient all-reduce where the batch sum crosses devices.
+A batch is split along its leading axis over ``data``; parameters and optimizer state are
+replicated (``placement.batch_sharding`` / ``placement.replicated``). ``jax.jit`` with these
+shardings is the current form of ``pmap``: XLA inserts the gradient all-reduce where the batch
+sum crosses devices.
 """
 
 from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 
 def data_parallel_mesh(devices=None) -> Mesh:
     """A 1-D mesh with axis ``data`` over ``devices`` (default: all local devices)."""
     devices = jax.local_devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), ("data",))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over ``data``; other axes whole."""
-    return NamedSharding(mesh, P("data"))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    """A full copy on every device of the mesh."""
-    return NamedSharding(mesh, P())

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rlhf_jax.parallel.placement import batch_axes
+
 if TYPE_CHECKING:  # parallel/ sits beside models/; only the config's fields are read
     from rlhf_jax.models.config import ModelConfig
 
@@ -155,8 +157,7 @@ def param_shardings(model_config: ModelConfig, params, mesh: Mesh):
 
 def batch_spec(mesh: Mesh) -> P:
     """Leading (batch) axis split over ``data`` and ``fsdp`` together; ``tensor`` replicates."""
-    del mesh  # every mesh of ``make_mesh`` has both axes (size 1 when unused)
-    return P(("data", "fsdp"))
+    return P(batch_axes(mesh))
 
 
 def shard_params(params, shardings):

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from rlhf_jax.data import Tokenizer
+from rlhf_jax import parallel
 from rlhf_jax.data.jsonl import write_jsonl
 from rlhf_jax.models import sequence_rewards
 from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, load_model,
@@ -85,7 +86,7 @@ def run(cfg: BestOfNConfig, *, eval_rewards: Mapping[str, RewardFn] | None = Non
     extra_best: dict[str, list] = {k: [] for k in (eval_rewards or {})}
     extra_all: dict[str, list] = {k: [] for k in (eval_rewards or {})}
     bar = None
-    if cfg.progress:
+    if cfg.progress and parallel.is_main_process():
         from tqdm.auto import tqdm
         bar = tqdm(total=n_prompts, desc="best-of-n", dynamic_ncols=True)
     for i, start in enumerate(range(0, n_prompts, b)):
@@ -117,12 +118,16 @@ def run(cfg: BestOfNConfig, *, eval_rewards: Mapping[str, RewardFn] | None = Non
     if bar is not None:
         bar.close()
     path = os.path.join(run_dir, "best_of_n.jsonl")
-    write_jsonl(path, out_rows)
+    main = parallel.is_main_process()  # every process computed the same rows; one writes
+    if main:
+        write_jsonl(path, out_rows)
     result = {"output": path, "prompts": n_prompts, "n": cfg.n,
               "reward_model/best_mean": float(np.mean(best_scores)),
               "reward_model/sample_mean": float(np.mean(mean_scores))}
     for name in extra_best:
         result[f"{name}/best_mean"] = float(np.mean(extra_best[name]))
         result[f"{name}/sample_mean"] = float(np.mean(extra_all[name]))
-    write_json(os.path.join(run_dir, "result.json"), result)
+    if main:
+        write_json(os.path.join(run_dir, "result.json"), result)
+    parallel.barrier(f"best_of_n {run_dir}")  # the next stage reads the file
     return result

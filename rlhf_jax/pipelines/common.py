@@ -23,7 +23,8 @@ from rlhf_jax.data import (Tokenizer, detect_format, encode_preference, encode_s
 from rlhf_jax.models import ModelConfig, get_preset, init_model, load_hf_checkpoint, \
     model_for, save_hf_checkpoint
 from rlhf_jax.ops.stats import compute_metrics, merge_metrics
-from rlhf_jax.parallel import data_parallel_mesh
+from rlhf_jax import parallel
+from rlhf_jax.parallel import MeshConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,11 +72,14 @@ def config_dict(cfg) -> dict:
     return _jsonable(cfg)
 
 
-def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = ("loop",)) -> str:
+def prepare_run_dir(cfg, output_dir: str, *,
+                    ignore: Iterable[str] = ("loop", "mesh")) -> str:
     """Create ``output_dir`` and write ``config.json``; refuse to resume under another config.
 
     A restarted run (same directory) must use the same config except for the fields in
-    ``ignore`` (by default the loop settings, so a finished run can be extended).
+    ``ignore``: by default the loop settings (so a finished run can be extended) and the mesh
+    (checkpoints are mesh-independent: a run saved on 8 devices resumes on 1 or on 16).
+    Only process 0 writes the file.
     """
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "config.json")
@@ -89,7 +93,8 @@ def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = ("loop",)) 
         if diff:
             raise ValueError(f"{output_dir} holds a run with a different config (fields {diff}); "
                              f"choose another output_dir or delete the old run")
-    write_json(path, new)
+    if parallel.is_main_process():
+        write_json(path, new)
     return output_dir
 
 
@@ -117,18 +122,34 @@ def check_sequence_fits(models: Mapping[str, ModelConfig], *, max_prompt_length:
                 f"max_prompt_length or max_new_tokens")
 
 
-def make_mesh(batch_size: int, *, enabled: bool = True):
-    """A data-parallel mesh over the local devices, or None on one device.
+def make_mesh(mesh: MeshConfig | None, batch_size: int, *, what: str = "batch_size"):
+    """The stage's ``data x fsdp x tensor`` mesh over all devices (every process's), or None
+    when ``mesh`` is None or there is one device (plain single-device jit).
 
-    Raises when the batch does not split evenly over the devices (checked before compiling).
+    Raises when ``batch_size`` does not split evenly over ``data x fsdp`` (checked before
+    anything is compiled).
     """
-    n = jax.local_device_count()
-    if not enabled or n == 1:
+    if mesh is None or jax.device_count() == 1:
         return None
-    if batch_size % n:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {n} local devices; "
-                         f"change batch_size or set data_parallel=False")
-    return data_parallel_mesh()
+    built = parallel.make_mesh(mesh)
+    rows = parallel.batch_size_divisor(built)
+    if batch_size % rows:
+        shape = dict(built.shape)
+        raise ValueError(f"{what} {batch_size} is not divisible by data x fsdp = {rows} (mesh "
+                         f"{shape} over {jax.device_count()} devices); change {what} or the "
+                         f"mesh (mesh=None: one device)")
+    return built
+
+
+def model_shardings(mesh, config: ModelConfig, params):
+    """``params``' shardings by the family's rules (``parallel.param_shardings``); None
+    without a mesh."""
+    return None if mesh is None else parallel.param_shardings(config, params, mesh)
+
+
+def place(tree, shardings):
+    """``parallel.put`` when there are shardings, the tree unchanged otherwise."""
+    return tree if shardings is None else parallel.put(tree, shardings)
 
 
 def export_model(directory: str, config: ModelConfig, params, tokenizer: Tokenizer) -> str:
@@ -136,8 +157,11 @@ def export_model(directory: str, config: ModelConfig, params, tokenizer: Tokeniz
 
     ``directory`` must not be a symlink leading out of its parent (the run directory)."""
     check_inside(os.path.dirname(os.path.abspath(directory)), directory, "the model directory")
-    save_hf_checkpoint(directory, config, jax.device_get(params))
-    tokenizer.save(directory)
+    host = parallel.fetch(params)  # every process joins the gather; process 0 writes
+    if parallel.is_main_process():
+        save_hf_checkpoint(directory, config, host)
+        tokenizer.save(directory)
+    parallel.barrier(f"export {directory}")  # the next stage, on every process, reads it
     return directory
 
 
@@ -231,24 +255,33 @@ def finish_run(run_dir: str, config: ModelConfig, params, tokenizer: Tokenizer, 
             for split in ("train", "eval")}
     result = {"run_dir": run_dir, "model_dir": model_dir, "steps": int(state.step)} | last
     result |= extra
-    write_json(os.path.join(run_dir, "result.json"), result)
+    if parallel.is_main_process():
+        write_json(os.path.join(run_dir, "result.json"), result)
+    parallel.barrier(f"finish {run_dir}")
     return result
 
 
 def fit(cfg, *, run_dir: str, tokenizer: Tokenizer, model, params, loss_fn, data, eval_batches,
-        mesh, postfix: tuple[str, ...], tokens_in=None, frozen=None, eval_post=None) -> dict:
+        mesh, postfix: tuple[str, ...], tokens_in=None, frozen=None, frozen_shardings=None,
+        eval_post=None) -> dict:
     """The shared body of the supervised stages (SFT, reward model, DPO, distillation): build
     the optimizer, state and jitted steps from ``cfg`` (``optimizer``, ``loop``,
-    ``micro_batches``, ``seed``), run the loop with periodic evaluation on ``eval_batches``
-    (post-processed by ``eval_post``), then export and write ``result.json``."""
+    ``micro_batches``, ``seed``), place the state on ``mesh`` by the model family's sharding
+    rules, run the loop with periodic evaluation on ``eval_batches`` (post-processed by
+    ``eval_post``), then export and write ``result.json``."""
     from rlhf_jax.train import (create_train_state, make_eval_step, make_optimizer,
-                                make_schedule, make_train_step, train_loop)
+                                make_schedule, make_train_step, state_shardings, train_loop)
 
     optimizer = make_optimizer(cfg.optimizer)
     state = create_train_state(params, optimizer, seed=cfg.seed)
+    p_sh = model_shardings(mesh, model.config, params)
+    st_sh = None if mesh is None else state_shardings(state, mesh, p_sh)
+    state = place(state, st_sh)
     step = make_train_step(loss_fn, optimizer, micro_batches=cfg.micro_batches, mesh=mesh,
-                           learning_rate=make_schedule(cfg.optimizer), frozen=frozen)
-    eval_step = make_eval_step(loss_fn, mesh=mesh, frozen=frozen)
+                           state_shardings=st_sh, learning_rate=make_schedule(cfg.optimizer),
+                           frozen=frozen, frozen_shardings=frozen_shardings)
+    eval_step = make_eval_step(loss_fn, mesh=mesh, frozen=frozen, param_shardings=p_sh,
+                               frozen_shardings=frozen_shardings)
 
     def run_eval(s):
         out = evaluate(eval_step, s.params, eval_batches, jax.random.PRNGKey(cfg.seed))

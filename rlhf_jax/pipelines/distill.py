@@ -18,8 +18,10 @@ import jax
 from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import DISTILL_LOSSES
 from rlhf_jax.models import token_batch_logits
+from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.pipelines.common import (ModelSpec, fit, fixed_batches, load_model,
-                                       load_sft_batch, make_mesh, prepare_run_dir)
+                                       load_sft_batch, make_mesh, model_shardings,
+                                       prepare_run_dir)
 from rlhf_jax.train import LoopConfig, OptimizerConfig
 
 
@@ -48,7 +50,10 @@ class DistillConfig:
     aggregation: str = "token_mean"
     on_overflow: str = "error"
     skip_invalid: bool = False
-    data_parallel: bool = True
+    mesh: MeshConfig | None = MeshConfig()
+    """Devices per ``data``/``fsdp``/``tensor`` axis (``parallel.MeshConfig``; default: every
+    device data-parallel); None runs on one device. Not part of the run's identity: a run
+    resumes on another mesh."""
     seed: int = 0
 
     def __post_init__(self):
@@ -82,7 +87,7 @@ def run(cfg: DistillConfig) -> dict:
     # Every data and config check before the models are built or anything compiled.
     data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
     batches = fixed_batches(evals, cfg.batch_size) if evals is not None else None
-    mesh = make_mesh(cfg.batch_size, enabled=cfg.data_parallel)
+    mesh = make_mesh(cfg.mesh, cfg.batch_size)
     v = tokenizer.vocab_size
     teacher, teacher_params = load_model(cfg.teacher, heads=("lm",), vocab_size=v, seed=cfg.seed)
     student, params = load_model(cfg.student, heads=("lm",), vocab_size=v, seed=cfg.seed + 1)
@@ -92,4 +97,5 @@ def run(cfg: DistillConfig) -> dict:
     return fit(cfg, run_dir=run_dir, tokenizer=tokenizer, model=student, params=params,
                loss_fn=make_distill_loss(student, teacher, cfg), data=data,
                eval_batches=batches, mesh=mesh, postfix=("loss",), frozen=teacher_params,
+               frozen_shardings=model_shardings(mesh, teacher.config, teacher_params),
                tokens_in=lambda b: int(b.attention_mask.sum()))

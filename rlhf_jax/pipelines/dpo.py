@@ -20,8 +20,10 @@ import numpy as np
 from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
 from rlhf_jax.models import sequence_logprob_sums
+from rlhf_jax.parallel import MeshConfig, batch_sharding, fetch
 from rlhf_jax.pipelines.common import (ModelSpec, fit, fixed_batches, load_model, load_pairs,
-                                       make_mesh, prepare_run_dir)
+                                       make_mesh, model_shardings, place,
+                                       prepare_run_dir)
 from rlhf_jax.train import LoopConfig, OptimizerConfig
 
 LOSSES = {**DPO_LOSSES, **REFERENCE_FREE_LOSSES}
@@ -61,7 +63,10 @@ class DPOConfig:
                                   save_every=100)
     on_overflow: str = "truncate"
     skip_invalid: bool = False
-    data_parallel: bool = True
+    mesh: MeshConfig | None = MeshConfig()
+    """Devices per ``data``/``fsdp``/``tensor`` axis (``parallel.MeshConfig``; default: every
+    device data-parallel); None runs on one device. Not part of the run's identity: a run
+    resumes on another mesh."""
     seed: int = 0
 
     def __post_init__(self):
@@ -72,17 +77,21 @@ class DPOConfig:
                              f"{self.micro_batches}")
 
 
-def reference_logps(model, params, pairs, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def reference_logps(model, params, pairs, batch_size: int,
+                    mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """``log pi_ref(y_w | x)`` and ``log pi_ref(y_l | x)`` for every pair, in fixed batches
-    (the last partial batch padded by repetition and cut off)."""
+    (the last partial batch padded by repetition and cut off). With ``mesh`` the reference is
+    placed by its family's sharding rules and each batch split over ``data x fsdp``."""
     fn = jax.jit(lambda p, b: sequence_logprob_sums(model, p, b)[0])
+    params = place(params, model_shardings(mesh, model.config, params))
+    rows = None if mesh is None else batch_sharding(mesh)
     n = pairs.chosen.tokens.shape[0]
     out_c, out_r = [], []
     for s in range(0, n, batch_size):
         idx = np.arange(s, s + batch_size) % n
-        sub = jax.tree.map(lambda x: np.asarray(x)[idx], pairs)
-        out_c.append(np.asarray(fn(params, sub.chosen)))
-        out_r.append(np.asarray(fn(params, sub.rejected)))
+        sub = place(jax.tree.map(lambda x: np.asarray(x)[idx], pairs), rows)
+        out_c.append(fetch(fn(params, sub.chosen)))
+        out_r.append(fetch(fn(params, sub.rejected)))
     return np.concatenate(out_c)[:n], np.concatenate(out_r)[:n]
 
 
@@ -114,7 +123,7 @@ def run(cfg: DPOConfig) -> dict:
     BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
     if evals is not None:
         fixed_batches(evals, cfg.batch_size)
-    mesh = make_mesh(cfg.batch_size, enabled=cfg.data_parallel)
+    mesh = make_mesh(cfg.mesh, cfg.batch_size)
     v = tokenizer.vocab_size
     model, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)
 
@@ -124,7 +133,7 @@ def run(cfg: DPOConfig) -> dict:
             return pairs, np.zeros(n, np.float32), np.zeros(n, np.float32)
         ref_model, ref_params = (model, params) if cfg.reference is None else load_model(
             cfg.reference, heads=("lm",), vocab_size=v, seed=cfg.seed)
-        return (pairs, *reference_logps(ref_model, ref_params, pairs, cfg.batch_size))
+        return (pairs, *reference_logps(ref_model, ref_params, pairs, cfg.batch_size, mesh))
 
     return fit(cfg, run_dir=run_dir, tokenizer=tokenizer, model=model, params=params,
                loss_fn=make_dpo_loss(model, cfg),

@@ -29,6 +29,7 @@ what removing them from the batch does to a token-mean loss; the fraction kept i
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Mapping
 
 import jax
@@ -40,13 +41,14 @@ from rlhf_jax.losses import grpo_loss
 from rlhf_jax.models import score_completions, sequence_rewards
 from rlhf_jax.ops import (group_advantages, masked_mean, reinforce_pp_advantages,
                           rloo_advantages)
-from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, load_model, make_mesh,
-                                       prepare_run_dir, finish_run)
+from rlhf_jax.parallel import MeshConfig, batch_sharding, fetch, replicated
+from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, finish_run, load_model,
+                                       make_mesh, model_shardings, place, prepare_run_dir)
 from rlhf_jax.pipelines.rollouts import (RewardFn, RolloutEval, call_reward_fns,
                                          decode_completions, load_prompts)
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import (LoopConfig, OptimizerConfig, create_train_state, make_optimizer,
-                            minibatch_updates, step_key, train_loop)
+                            minibatch_updates, state_shardings, step_key, train_loop)
 
 
 def _adv_group(r, mask, g):
@@ -122,7 +124,10 @@ class GRPOConfig:
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, schedule="constant",
                                                  total_steps=100)
     loop: LoopConfig = LoopConfig(total_steps=100, log_every=5, eval_every=25, save_every=50)
-    data_parallel: bool = True
+    mesh: MeshConfig | None = MeshConfig()
+    """Devices per ``data``/``fsdp``/``tensor`` axis (``parallel.MeshConfig``; default: every
+    device data-parallel); None runs on one device. Not part of the run's identity: a run
+    resumes on another mesh."""
     skip_invalid: bool = False
     """Skip (and count) malformed prompt rows instead of stopping at the first."""
     on_overflow: str = "error"
@@ -194,6 +199,25 @@ def make_grpo_functions(cfg: GRPOConfig, policy, reference, sampling, optimizer)
     return rollout, update
 
 
+def _compile(policy, reference, state, ref_params, mesh, rollout, update):
+    """Jit ``rollout`` and ``update``; with a mesh, place the policy state and the reference by
+    their families' sharding rules. The prompts come in replicated (``prompts_per_step`` need not
+    divide the mesh) and the ``prompts x group_size`` completions leave the sampler split over
+    ``data x fsdp``, so generation, scoring and the update all run sharded.
+    Returns ``(rollout_jit, update_jit, state, ref_params, rows)``."""
+    if mesh is None:
+        return jax.jit(rollout), jax.jit(update, donate_argnums=(0,)), state, ref_params, None
+    st_sh = state_shardings(state, mesh, model_shardings(mesh, policy.config, state.params))
+    ref_sh = model_shardings(mesh, reference.config, ref_params)
+    rep, rows = replicated(mesh), batch_sharding(mesh)
+    rollout_jit = jax.jit(rollout, in_shardings=(st_sh, ref_sh, rep, rep),
+                          out_shardings=(rows, rows, rows, rep))
+    update_jit = jax.jit(update, in_shardings=(st_sh, rows, rows, rows, rows),
+                         out_shardings=(st_sh, rep), donate_argnums=(0,))
+    prompts_jit = lambda st, rp, p, m: rollout_jit(st, rp, *place((p, m), rep))  # noqa: E731
+    return prompts_jit, update_jit, place(state, st_sh), place(ref_params, ref_sh), rows
+
+
 def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
         reward_weights: Mapping[str, float] | None = None,
         eval_rewards: Mapping[str, RewardFn] | None = None) -> dict:
@@ -215,7 +239,8 @@ def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
     # Every data and config check before the models are built or anything compiled.
     index = np.arange(len(rows), dtype=np.int32)
     data = BatchIterator((prompts, index), batch_size=cfg.prompts_per_step, seed=cfg.seed)
-    mesh = make_mesh(cfg.prompts_per_step * cfg.group_size, enabled=cfg.data_parallel)
+    mesh = make_mesh(cfg.mesh, cfg.prompts_per_step * cfg.group_size,
+                     what="prompts_per_step * group_size")
     v = tokenizer.vocab_size
     policy, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)
     reference, ref_params = load_model(cfg.reference or cfg.policy, heads=("lm",),
@@ -228,34 +253,35 @@ def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
     check_sequence_fits(configs, max_prompt_length=cfg.max_prompt_length,
                         max_new_tokens=cfg.max_new_tokens)
     if cfg.reward_model is not None:
-        rm_score = jax.jit(lambda *a: sequence_rewards(rm, rm_params, *a))
+        rm_params = place(rm_params, model_shardings(mesh, rm.config, rm_params))
+        rm_score = functools.partial(jax.jit(lambda p, *a: sequence_rewards(rm, p, *a)),
+                                     rm_params)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, eos_ids=tokenizer.eos_ids,
                               pad_id=tokenizer.pad_id, temperature=cfg.temperature,
                               top_k=cfg.top_k, top_p=cfg.top_p, n=cfg.group_size)
     optimizer = make_optimizer(cfg.optimizer)
     state = create_train_state(params, optimizer, seed=cfg.seed)
     rollout, update = make_grpo_functions(cfg, policy, reference, sampling, optimizer)
-    rollout_jit, update_jit = jax.jit(rollout), jax.jit(update, donate_argnums=(0,))
-    if mesh is not None:
-        from rlhf_jax.parallel import replicated
-
-        ref_params = jax.device_put(ref_params, replicated(mesh))
+    rollout_jit, update_jit, state, ref_params, batch_rows = _compile(
+        policy, reference, state, ref_params, mesh, rollout, update)
     columns = [k for k in rows[0] if k != "prompt"]
 
     def step_fn(state, batch):
         prompt_batch, index = batch
         out, old, ref, diff = rollout_jit(state, ref_params, prompt_batch.tokens,
                                           prompt_batch.mask)
-        texts = decode_completions(tokenizer, out.tokens, out.mask)
+        host = fetch((out.prompt_tokens, out.prompt_mask, out.tokens, out.mask))
+        texts = decode_completions(tokenizer, host[2], host[3])
         rep = np.repeat(np.asarray(index), cfg.group_size)
         cols = {c: [rows[i].get(c) for i in rep] for c in columns}
         scores = call_reward_fns(reward_fns, [rows[i]["prompt"] for i in rep], texts, cols)
         total = sum((weights[k] * s for k, s in scores.items()), np.zeros(len(texts), np.float32))
         if rm_score is not None:
-            rms = np.asarray(rm_score(out.prompt_tokens, out.prompt_mask, out.tokens, out.mask))
+            rms = fetch(rm_score(out.prompt_tokens, out.prompt_mask, out.tokens, out.mask))
             scores["reward_model"] = rms
             total = total + cfg.reward_model_weight * rms
-        state, metrics = update_jit(state, out, old, ref, jnp.asarray(total, jnp.float32))
+        state, metrics = update_jit(state, out, old, ref,
+                                    place(np.asarray(total, np.float32), batch_rows))
         metrics |= {f"rewards/{k}": float(s.mean()) for k, s in scores.items()}
         return state, metrics | {"logprob_diff_sampler_trainer": diff}
 

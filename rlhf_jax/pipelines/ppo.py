@@ -19,6 +19,7 @@ the loop, checkpoints and logging are ``train.train_loop``'s.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, NamedTuple
 
 import jax
@@ -31,12 +32,13 @@ from rlhf_jax.models import completion_values, score_completions, sequence_rewar
 from rlhf_jax.ops import (KL_CONTROLLERS, KL_ESTIMATORS, aggregate_loss, gae_advantages,
                           kl_controller_init, kl_k1, masked_mean, masked_whiten)
 from rlhf_jax.ops.stats import Mean
-from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, load_model, make_mesh,
-                                       prepare_run_dir, finish_run)
+from rlhf_jax.parallel import MeshConfig, batch_sharding, replicated
+from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, finish_run, load_model,
+                                       make_mesh, model_shardings, place, prepare_run_dir)
 from rlhf_jax.pipelines.rollouts import RewardFn, RolloutEval, load_prompts
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import (LoopConfig, OptimizerConfig, create_train_state, make_optimizer,
-                            minibatch_updates, step_key, train_loop)
+                            minibatch_updates, state_shardings, step_key, train_loop)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,7 +90,10 @@ class PPOConfig:
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-5, schedule="constant",
                                                  total_steps=100, max_grad_norm=1.0)
     loop: LoopConfig = LoopConfig(total_steps=100, log_every=5, eval_every=20, save_every=50)
-    data_parallel: bool = True
+    mesh: MeshConfig | None = MeshConfig()
+    """Devices per ``data``/``fsdp``/``tensor`` axis (``parallel.MeshConfig``; default: every
+    device data-parallel); None runs on one device. Not part of the run's identity: a run
+    resumes on another mesh."""
     skip_invalid: bool = False
     """Skip (and count) malformed prompt rows instead of stopping at the first."""
     on_overflow: str = "error"
@@ -235,6 +240,26 @@ def make_ppo_functions(cfg: PPOConfig, models: Models, sampling: SamplingConfig,
     return rollout, update
 
 
+def _compile(cfg: PPOConfig, models: Models, state, frozen, mesh, rollout, update):
+    """Jit ``rollout`` and ``update``; with a mesh, place the policy/value state and the frozen
+    reference and reward models by their families' sharding rules and split the rollout batch
+    over ``data x fsdp``. Returns ``(rollout_jit, update_jit, state, frozen, rows)``."""
+    if mesh is None:
+        return jax.jit(rollout), jax.jit(update, donate_argnums=(0,)), state, frozen, None
+    p_sh = {"policy": model_shardings(mesh, models.policy.config, state.params["policy"])}
+    if models.critic is not None:
+        p_sh["value"] = model_shardings(mesh, models.critic.config, state.params["value"])
+    st_sh = state_shardings(state, mesh, p_sh)
+    fz_sh = (model_shardings(mesh, models.reference.config, frozen[0]),
+             model_shardings(mesh, models.reward.config, frozen[1]))
+    rep, rows = replicated(mesh), batch_sharding(mesh)
+    rollout_jit = jax.jit(rollout, in_shardings=(st_sh, fz_sh, rows, rows),
+                          out_shardings=(rows, rep))
+    update_jit = jax.jit(update, in_shardings=(st_sh, rows, rep), out_shardings=(st_sh, rep),
+                         donate_argnums=(0,))
+    return rollout_jit, update_jit, place(state, st_sh), place(frozen, fz_sh), rows
+
+
 def run(cfg: PPOConfig, *, eval_rewards: Mapping[str, RewardFn] | None = None) -> dict:
     """Train the policy with PPO; ``eval_rewards`` (e.g. a task's gold scorer) are reported at
     every evaluation alongside the reward model's score and the KL to the reference."""
@@ -249,7 +274,7 @@ def run(cfg: PPOConfig, *, eval_rewards: Mapping[str, RewardFn] | None = None) -
                            if cfg.eval_prompts else (None, None))
     # Every data and config check before the models are built or anything compiled.
     data = BatchIterator(prompts, batch_size=cfg.rollout_batch_size, seed=cfg.seed)
-    mesh = make_mesh(cfg.rollout_batch_size, enabled=cfg.data_parallel)
+    mesh = make_mesh(cfg.mesh, cfg.rollout_batch_size, what="rollout_batch_size")
     models, params, frozen = _build(cfg, tokenizer)
     check_sequence_fits({name: m.config for name, m in models._asdict().items() if m is not None},
                         max_prompt_length=cfg.max_prompt_length,
@@ -261,26 +286,19 @@ def run(cfg: PPOConfig, *, eval_rewards: Mapping[str, RewardFn] | None = None) -
     state = create_train_state(params, optimizer, seed=cfg.seed,
                                algo=kl_controller_init(cfg.kl_coef))
     rollout, update = make_ppo_functions(cfg, models, sampling, optimizer)
-    if mesh is not None:
-        from rlhf_jax.parallel import batch_sharding, replicated
-
-        rep, shard = replicated(mesh), batch_sharding(mesh)
-        frozen = jax.device_put(frozen, rep)
-        rollout_jit = jax.jit(rollout, in_shardings=(rep, rep, shard, shard))
-        update_jit = jax.jit(update, in_shardings=(rep, shard, rep), out_shardings=(rep, rep),
-                             donate_argnums=(0,))
-    else:
-        rollout_jit, update_jit = jax.jit(rollout), jax.jit(update, donate_argnums=(0,))
+    rollout_jit, update_jit, state, frozen, rows = _compile(cfg, models, state, frozen, mesh,
+                                                            rollout, update)
 
     def step_fn(state, batch):
-        ro, ro_metrics = rollout_jit(state, frozen, batch.tokens, batch.mask)
+        ro, ro_metrics = rollout_jit(state, frozen, *place((batch.tokens, batch.mask), rows))
         state, up_metrics = update_jit(state, ro, ro_metrics["kl"])
         return state, ro_metrics | up_metrics
 
     eval_fn = None
     evaluator = None
     if cfg.eval_prompts:
-        rm_fn = jax.jit(lambda *a: sequence_rewards(models.reward, frozen[1], *a))
+        rm_fn = functools.partial(jax.jit(lambda rm, *a: sequence_rewards(models.reward, rm, *a)),
+                                  frozen[1])
         evaluator = RolloutEval(policy=models.policy, reference=models.reference,
                                 ref_params=frozen[0], tokenizer=tokenizer, prompts=ev_prompts,
                                 rows=ev_rows, sampling=sampling, reward_fns=eval_rewards or {},

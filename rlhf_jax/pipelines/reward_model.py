@@ -19,6 +19,7 @@ from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.models import token_batch_rewards
 from rlhf_jax.ops.stats import Mean
+from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.pipelines.common import (ModelSpec, fit, fixed_batches, load_model, load_pairs,
                                        make_mesh, prepare_run_dir)
 from rlhf_jax.train import LoopConfig, OptimizerConfig
@@ -51,7 +52,10 @@ class RewardModelConfig:
                                   save_every=100)
     on_overflow: str = "truncate"
     skip_invalid: bool = False
-    data_parallel: bool = True
+    mesh: MeshConfig | None = MeshConfig()
+    """Devices per ``data``/``fsdp``/``tensor`` axis (``parallel.MeshConfig``; default: every
+    device data-parallel); None runs on one device. Not part of the run's identity: a run
+    resumes on another mesh."""
     seed: int = 0
 
     def __post_init__(self):
@@ -86,7 +90,7 @@ def run(cfg: RewardModelConfig) -> dict:
     # Every data and config check before the model is built or anything compiled.
     data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
     batches = fixed_batches(evals, cfg.batch_size) if evals is not None else None
-    mesh = make_mesh(cfg.batch_size, enabled=cfg.data_parallel)
+    mesh = make_mesh(cfg.mesh, cfg.batch_size)
     model, params = load_model(cfg.model, heads=("reward",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
     loss_fn = make_reward_loss(model, margin=cfg.margin, center_coef=cfg.center_coef)

@@ -8,6 +8,7 @@ length: the numbers behind "gold reward against KL" plots.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -18,6 +19,7 @@ from rlhf_jax.data import Tokenizer, encode_prompts, load_jsonl, prompt_batch
 from rlhf_jax.models import Model, score_completions
 from rlhf_jax.pipelines.common import report_skipped
 from rlhf_jax.ops.kl import kl_k1
+from rlhf_jax.parallel import fetch
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.types import PromptBatch
 
@@ -78,18 +80,18 @@ class RolloutEval:
         self._sample = make_sampler(policy, sampling)
         temp = sampling.temperature or 1.0
 
-        def kl(params, prompt, pmask, comp, cmask):
+        def kl(params, ref_params, prompt, pmask, comp, cmask):
             lp = score_completions(policy, params, prompt, pmask, comp, cmask,
                                    temperature=temp).logprobs
             ref = score_completions(reference, ref_params, prompt, pmask, comp, cmask,
                                     temperature=temp).logprobs
             return jnp.sum(jnp.where(cmask, kl_k1(lp, ref), 0.0), axis=-1)
 
-        self._kl = jax.jit(kl)
+        self._kl = functools.partial(jax.jit(kl), ref_params=ref_params)
 
     def samples(self, params) -> tuple[list[str], list[str], object]:
         out = self._sample(params, self.prompts.tokens, self.prompts.mask, self.key)
-        texts = decode_completions(self.tokenizer, out.tokens, out.mask)
+        texts = decode_completions(self.tokenizer, *fetch((out.tokens, out.mask)))
         return [r["prompt"] for r in self.rows], texts, out
 
     def __call__(self, params) -> dict[str, float]:
@@ -97,12 +99,12 @@ class RolloutEval:
         columns = {k: [r.get(k) for r in self.rows] for k in self.rows[0] if k != "prompt"}
         scores = call_reward_fns(self.reward_fns, prompts, texts, columns)
         if self.device_rewards is not None:
-            scores["reward_model"] = np.asarray(self.device_rewards(
+            scores["reward_model"] = fetch(self.device_rewards(
                 out.prompt_tokens, out.prompt_mask, out.tokens, out.mask))
-        kl = np.asarray(self._kl(params, out.prompt_tokens, out.prompt_mask, out.tokens,
-                                 out.mask))
+        kl = fetch(self._kl(params, prompt=out.prompt_tokens, pmask=out.prompt_mask,
+                            comp=out.tokens, cmask=out.mask))
         row = {f"reward/{k}": float(v.mean()) for k, v in scores.items()}
         row |= {"kl_to_ref": float(kl.mean()),
-                "response_length": float(np.asarray(out.mask).sum(-1).mean()),
-                "truncated_frac": float(np.asarray(out.truncated).mean())}
+                "response_length": float(fetch(out.mask).sum(-1).mean()),
+                "truncated_frac": float(fetch(out.truncated).mean())}
         return row

@@ -14,6 +14,7 @@ import dataclasses
 from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import sft_loss
 from rlhf_jax.models import token_batch_logprobs
+from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.pipelines.common import ModelSpec, fit, fixed_batches, load_model, load_sft_batch, \
     make_mesh, prepare_run_dir
 from rlhf_jax.train import LoopConfig, OptimizerConfig
@@ -45,7 +46,10 @@ class SFTConfig:
     """Rows longer than ``max_length``: ``error``, ``truncate`` or ``skip``."""
     skip_invalid: bool = False
     """Skip (and count) malformed rows instead of stopping at the first."""
-    data_parallel: bool = True
+    mesh: MeshConfig | None = MeshConfig()
+    """Devices per ``data``/``fsdp``/``tensor`` axis (``parallel.MeshConfig``; default: every
+    device data-parallel); None runs on one device. Not part of the run's identity: a run
+    resumes on another mesh."""
     seed: int = 0
 
     def __post_init__(self):
@@ -63,7 +67,7 @@ def run(cfg: SFTConfig) -> dict:
     # Every data and config check before the model is built or anything compiled.
     data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
     eval_batches = fixed_batches(evals, cfg.batch_size) if evals is not None else None
-    mesh = make_mesh(cfg.batch_size, enabled=cfg.data_parallel)
+    mesh = make_mesh(cfg.mesh, cfg.batch_size)
     model, params = load_model(cfg.model, heads=("lm",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
 

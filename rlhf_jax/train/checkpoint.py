@@ -12,17 +12,27 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rlhf_jax.parallel import fetch
+
 
 def _non_finite_paths(state) -> list[str]:
-    bad = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        arr = np.asarray(leaf)
-        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-            bad.append(jax.tree_util.keystr(path))
-    return bad
+    """Paths of floating leaves holding a NaN or inf. One jitted reduction over all of them,
+    run where each leaf lives (so it works when other processes hold some of the shards)."""
+    leaves = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(state)
+              if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if not leaves:
+        return []
+    finite = fetch(_all_finite([x for _, x in leaves]))
+    return [name for (name, _), ok in zip(leaves, finite) if not ok]
+
+
+@jax.jit
+def _all_finite(leaves):
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
 
 def _key_name(key) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Protocol
 import jax
 import numpy as np
 
+from rlhf_jax.parallel import is_main_process
 from rlhf_jax.train.checkpoint import Checkpointer
 from rlhf_jax.train.sinks import JsonlSink, TensorBoardSink
 
@@ -156,22 +157,27 @@ def train_loop(
         state, meta = restored
         data.restore(meta["data"])
     start = int(state.step)
-    ledger = _Ledger(os.path.join(run_dir, "ledger.tsv"), start)
-    _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start)
-    jsonl = JsonlSink(os.path.join(run_dir, "metrics.jsonl"))
-    tb = TensorBoardSink(os.path.join(run_dir, "tensorboard")) if cfg.tensorboard else None
+    main = is_main_process()  # the other processes of a multi-host run compute, never write
+    ledger = _Ledger(os.path.join(run_dir, "ledger.tsv"), start) if main else None
+    if main:
+        _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start)
+    jsonl = JsonlSink(os.path.join(run_dir, "metrics.jsonl")) if main else None
+    tb = (TensorBoardSink(os.path.join(run_dir, "tensorboard"))
+          if cfg.tensorboard and main else None)
     stop = {"sigterm": False}
     previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
     if _main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
-    bar, history, pending, tokens, t0 = _progress(cfg, start), [], [], 0, time.perf_counter()
+    bar = _progress(cfg, start) if main else None
+    history, pending, tokens, t0 = [], [], 0, time.perf_counter()
 
     def log(step: int, row: dict, split: str) -> None:
         history.append({"step": step, "split": split} | row)
-        jsonl.write(step, {"split": split} | row)
+        if jsonl is not None:
+            jsonl.write(step, {"split": split} | row)
         if tb is not None:
             tb.write(step, {f"{split}/{k}": v for k, v in row.items()})
-        if cfg.console and split == "eval":  # the console sink: train figures are on the bar
+        if main and cfg.console and split == "eval":  # the console sink: train figures on the bar
             _console(bar, f"step {step} eval: " + ", ".join(
                 f"{k}={float(v):.4g}" for k, v in sorted(row.items())))
 
@@ -183,7 +189,8 @@ def train_loop(
             log(0, dict(eval_fn(state)), "eval")
         for step in range(start, cfg.total_steps):
             batch = data.next()
-            ledger.add(step, _batch_hash(batch))
+            if ledger is not None:
+                ledger.add(step, _batch_hash(batch))
             tokens += tokens_in(batch) if tokens_in else 0
             state, metrics = step_fn(state, batch)
             pending.append(metrics)
@@ -208,10 +215,12 @@ def train_loop(
                 log(done, dict(eval_fn(state)), "eval")
             if bar is not None:
                 bar.update(1)
-            if (cfg.save_every and done % cfg.save_every == 0) or stop["sigterm"]:
+            stopping = _any_process(stop["sigterm"])
+            if (cfg.save_every and done % cfg.save_every == 0) or stopping:
                 save(done)
-            if stop["sigterm"]:
-                print(f"SIGTERM: saved step {done}; stopping", file=sys.stderr)
+            if stopping:
+                if main:
+                    print(f"SIGTERM: saved step {done}; stopping", file=sys.stderr)
                 break
         else:
             if ckpt.latest_step() != cfg.total_steps:
@@ -227,6 +236,16 @@ def train_loop(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return state, history
+
+
+def _any_process(flag: bool) -> bool:
+    """``flag`` or'ed over the processes of a multi-host run (a pre-emption notice reaches
+    them at different steps; all must save and stop at the same one). Free with one process."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _console(bar, line: str) -> None:

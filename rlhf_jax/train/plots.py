@@ -1,7 +1,8 @@
 """PNG plots of logged metrics (matplotlib with the non-interactive Agg backend).
 
 ``plot_curves`` draws metrics against the step from ``metrics.jsonl`` rows; ``plot_xy`` draws
-one metric against another (gold reward against KL, say) for one or several runs.
+one metric against another (gold reward against KL, say) for one or several runs. In a
+multi-process run only process 0 draws (the others return the path without writing).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 from typing import Mapping, Sequence
+
+from rlhf_jax.parallel import is_main_process
 
 
 def _pyplot():
@@ -23,6 +26,8 @@ def _pyplot():
 def plot_curves(rows: Sequence[Mapping], keys: Sequence[str], path: str, *,
                 split: str | None = None, title: str = "", x: str = "step") -> str:
     """One panel per metric in ``keys`` (rows lacking a key are skipped); returns ``path``."""
+    if not is_main_process():
+        return path
     plt = _pyplot()
     rows = [r for r in rows if split is None or r.get("split") == split]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
@@ -46,6 +51,8 @@ def plot_curves(rows: Sequence[Mapping], keys: Sequence[str], path: str, *,
 def plot_xy(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
             xlabel: str, ylabel: str, title: str = "") -> str:
     """Each ``name -> (xs, ys)`` as a labelled line with markers; returns ``path``."""
+    if not is_main_process():
+        return path
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for name, (xs, ys) in series.items():

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -24,7 +25,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     rng: jax.Array
     algo: Any = ()
-    skipped: jax.Array = jnp.zeros((), jnp.int32)
+    skipped: jax.Array = np.zeros((), np.int32)  # host default: importing touches no device
 
 
 def create_train_state(params, optimizer: optax.GradientTransformation, *, seed: int,
@@ -38,3 +39,19 @@ def create_train_state(params, optimizer: optax.GradientTransformation, *, seed:
 def step_key(state: TrainState) -> jax.Array:
     """The PRNG key of the current step: ``fold_in(base_key, step)``."""
     return jax.random.fold_in(state.rng, state.step)
+
+
+def state_shardings(state: TrainState, mesh, param_shardings=None) -> TrainState:
+    """A ``TrainState`` of shardings: params as ``param_shardings`` (a tree of
+    ``NamedSharding``, e.g. ``parallel.param_shardings``; default replicated), optimizer moments
+    following the params (``parallel.opt_state_shardings``), everything else replicated."""
+    from rlhf_jax.parallel import opt_state_shardings, replicated
+
+    rep = replicated(mesh)
+    if param_shardings is None:
+        return jax.tree.map(lambda _: rep, state)
+    return TrainState(
+        step=rep, params=param_shardings,
+        opt_state=opt_state_shardings(state.opt_state, param_shardings, mesh,
+                                      params=state.params),
+        rng=rep, algo=jax.tree.map(lambda _: rep, state.algo), skipped=rep)

@@ -12,8 +12,11 @@ A loss function for the trainer has the signature ``loss_fn(params, batch, key) 
 4. returns scalar metrics (``loss``, ``grad_norm``, ``learning_rate``, ``count``,
    ``update_skipped`` plus the loss's own) computed on device.
 
-With a ``mesh`` the batch is sharded over its ``data`` axis and the state is replicated; the
-state buffers are donated so XLA updates them in place.
+With a ``mesh`` the batch is sharded over its ``data`` (and ``fsdp``) axes and the state is
+placed by ``state_shardings`` (replicated when not given; FSDP/tensor-parallel when built from
+``parallel.param_shardings``): the same program then runs data-parallel, fully sharded or tensor
+parallel, and XLA inserts the collectives. The state buffers are donated so XLA updates them in
+place.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import optax
 
 from rlhf_jax.ops.aggregation import safe_divide
 from rlhf_jax.ops.stats import Max, Min, compute_metrics, merge_metrics
-from rlhf_jax.parallel.mesh import batch_sharding, replicated
+from rlhf_jax.parallel.placement import batch_sharding, put, replicated
 from rlhf_jax.train.state import TrainState, step_key
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, jax.Array, dict]]
@@ -130,14 +133,24 @@ def minibatch_updates(loss_fn: LossFn, optimizer: optax.GradientTransformation, 
     return params, opt_state, bad, metrics
 
 
+def _frozen_sharding(mesh, frozen, frozen_shardings):
+    if frozen is None:
+        return ()
+    return (replicated(mesh) if frozen_shardings is None else frozen_shardings,)
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    micro_batches: int = 1, mesh=None,
-                    learning_rate: optax.Schedule | None = None, frozen=None):
+                    micro_batches: int = 1, mesh=None, state_shardings=None,
+                    learning_rate: optax.Schedule | None = None, frozen=None,
+                    frozen_shardings=None):
     """Build the jitted training step (see the module docstring).
 
     ``frozen``: a pytree of arrays the loss needs but never trains (a distillation teacher, a
     reference model). It is passed to the compiled step as an argument, not captured as a
     constant, and ``loss_fn`` is then called as ``loss_fn(params, batch, key, frozen)``.
+    ``state_shardings`` / ``frozen_shardings`` (with ``mesh``): where the state and the frozen
+    arrays live (``train.state_shardings``, ``parallel.param_shardings``); replicated when None.
+    The returned step places each host batch itself (``parallel.put``: multi-process safe).
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -161,23 +174,24 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
     if mesh is None:
         jitted = jax.jit(step, donate_argnums=(0,))
-    else:
-        rep = replicated(mesh)
-        shardings = (rep, batch_sharding(mesh)) + ((rep,) if frozen is not None else ())
-        jitted = jax.jit(step, in_shardings=shardings, out_shardings=(rep, rep),
-                         donate_argnums=(0,))
-        if frozen is not None:
-            frozen = jax.device_put(frozen, rep)
-    if frozen is None:
-        return jitted
-    return lambda state, batch: jitted(state, batch, frozen)
+        if frozen is None:
+            return jitted
+        return lambda state, batch: jitted(state, batch, frozen)
+    rep, rows = replicated(mesh), batch_sharding(mesh)
+    st = rep if state_shardings is None else state_shardings
+    fz = _frozen_sharding(mesh, frozen, frozen_shardings)
+    jitted = jax.jit(step, in_shardings=(st, rows) + fz, out_shardings=(st, rep),
+                     donate_argnums=(0,))
+    frozen_args = () if frozen is None else (put(frozen, fz[0]),)
+    return lambda state, batch: jitted(state, put(batch, rows), *frozen_args)
 
 
-def make_eval_step(loss_fn: LossFn, *, mesh=None, frozen=None):
+def make_eval_step(loss_fn: LossFn, *, mesh=None, frozen=None, param_shardings=None,
+                   frozen_shardings=None):
     """Jitted ``evaluate(params, batch, key) -> (loss_sum, count, metric accumulators)``.
 
     The loop merges these over the eval set and divides once, so eval figures are exact means.
-    ``frozen`` as in ``make_train_step`` (passed as an argument, ``loss_fn`` gets it last).
+    ``frozen`` and the shardings as in ``make_train_step`` (``param_shardings``: the params').
     """
     def evaluate(params, batch, key, frozen_args=None):
         if frozen is None:
@@ -186,12 +200,13 @@ def make_eval_step(loss_fn: LossFn, *, mesh=None, frozen=None):
 
     if mesh is None:
         jitted = jax.jit(evaluate)
-    else:
-        rep = replicated(mesh)
-        shardings = (rep, batch_sharding(mesh), rep) + ((rep,) if frozen is not None else ())
-        jitted = jax.jit(evaluate, in_shardings=shardings, out_shardings=rep)
-        if frozen is not None:
-            frozen = jax.device_put(frozen, rep)
-    if frozen is None:
-        return jitted
-    return lambda params, batch, key: jitted(params, batch, key, frozen)
+        if frozen is None:
+            return jitted
+        return lambda params, batch, key: jitted(params, batch, key, frozen)
+    rep, rows = replicated(mesh), batch_sharding(mesh)
+    ps = rep if param_shardings is None else param_shardings
+    fz = _frozen_sharding(mesh, frozen, frozen_shardings)
+    jitted = jax.jit(evaluate, in_shardings=(ps, rows, rep) + fz, out_shardings=rep)
+    frozen_args = () if frozen is None else (put(frozen, fz[0]),)
+    return lambda params, batch, key: jitted(params, put(batch, rows), put(key, rep),
+                                             *frozen_args)

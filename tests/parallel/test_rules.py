@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax.models import FAMILIES, abstract_params
 from rlhf_jax.parallel import (AXES, FAMILY_RULES, MeshConfig, batch_spec, make_mesh,
-                               opt_state_shardings, param_shardings, path_str,
+                               opt_state_shardings, param_shardings, parse_mesh, path_str,
                                plan_param_specs, shard_params)
 from rlhf_jax.train import OptimizerConfig, make_optimizer
 from tests.parallel.common import CONFIG, IDS, SHAPES, mesh_for, toy_model
@@ -59,6 +59,23 @@ def test_mesh_config_rejects_bad_sizes():
         make_mesh(MeshConfig(data=2, fsdp=2, tensor=1), jax.devices()[:8])
     with pytest.raises(dataclasses.FrozenInstanceError):
         MeshConfig(data=2).data = 4  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("auto", MeshConfig()), ("AUTO", MeshConfig()), ("none", None), ("1", None),
+    ("2x4x1", MeshConfig(data=2, fsdp=4, tensor=1)),
+    (" -1x2x1 ", MeshConfig(data=-1, fsdp=2, tensor=1)),
+])
+def test_parse_mesh(text, expected):
+    assert parse_mesh(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "2x4", "2x4x1x1", "axbxc", "8"])
+def test_parse_mesh_rejects(text):
+    with pytest.raises(ValueError, match="DATAxFSDPxTENSOR"):
+        parse_mesh(text)
+    with pytest.raises(ValueError, match="at most one"):
+        parse_mesh("-1x-1x1")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)

@@ -44,7 +44,7 @@ def sft_config(world_root: str, tokenizer: str, train_data: str, name: str, *, s
                          output_dir=os.path.join(world_root, name), model=TINY, max_length=48,
                          packing=True, batch_size=8, optimizer=SFT_OPT, loop=loop(steps),
                          on_overflow="truncate",
-                         data_parallel=kw.pop("data_parallel", False), **kw)
+                         mesh=kw.pop("mesh", None), **kw)
 
 
 @pytest.fixture(scope="session")
@@ -64,5 +64,5 @@ def world(tmp_path_factory) -> World:
         train_data=pref["preference"], tokenizer=tok, output_dir=os.path.join(root, "rm"),
         model=ModelSpec(path=sft_res["model_dir"]), max_prompt_length=24, max_length=48,
         batch_size=8, optimizer=OptimizerConfig(learning_rate=1e-2, total_steps=3),
-        loop=loop(3), data_parallel=False))
+        loop=loop(3), mesh=None))
     return World(root, tok, pref, arith, cfg, sft_res, rm_res)

@@ -29,7 +29,7 @@ def dpo_config(world, name: str, **kw) -> dpo.DPOConfig:
                 policy=ModelSpec(path=world.sft["model_dir"]),
                 output_dir=os.path.join(world.root, name), max_prompt_length=24,
                 max_length=48, batch_size=8, optimizer=OPT, loop=loop(3),
-                data_parallel=False)
+                mesh=None)
     return dpo.DPOConfig(**(base | kw))
 
 
@@ -75,7 +75,7 @@ def test_distill_loss_run(world, loss):
         teacher=ModelSpec(path=world.sft["model_dir"]), student=TINY,
         output_dir=os.path.join(world.root, f"distill_{loss}"), loss=loss, max_length=48,
         batch_size=8, on_overflow="truncate", optimizer=OPT, loop=loop(3),
-        data_parallel=False)
+        mesh=None)
     result = distill.run(cfg)
     rows = assert_run_outputs(result, steps=3, kind="DistillConfig")
     _, init = load_model(TINY, heads=("lm",), vocab_size=512, seed=cfg.seed + 1)

@@ -28,7 +28,7 @@ def grpo_config(world, name: str, **kw) -> grpo.GRPOConfig:
                 policy=ModelSpec(path=world.sft["model_dir"]),
                 output_dir=os.path.join(world.root, name), max_prompt_length=16,
                 max_new_tokens=4, prompts_per_step=4, group_size=2, num_minibatches=2,
-                optimizer=OPT, loop=loop(2), data_parallel=False)
+                optimizer=OPT, loop=loop(2), mesh=None)
     return grpo.GRPOConfig(**(base | kw))
 
 

@@ -28,7 +28,7 @@ def ppo_config(world, name: str, *, steps: int = 4, **kw) -> ppo.PPOConfig:
                 reward_model=ModelSpec(path=world.rm["model_dir"]),
                 output_dir=os.path.join(world.root, name), max_prompt_length=24,
                 max_new_tokens=6, rollout_batch_size=8, ppo_epochs=1, num_minibatches=2,
-                optimizer=OPT, loop=loop(steps), data_parallel=False)
+                optimizer=OPT, loop=loop(steps), mesh=None)
     return ppo.PPOConfig(**(base | kw))
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models import load_hf_checkpoint
+from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.pipelines import sft
 from rlhf_jax.pipelines.common import load_model, prepare_run_dir
 from tests.pipelines.common import (assert_moved, assert_run_outputs, assert_states_equal, flat,
@@ -80,11 +81,11 @@ def test_sft_gradient_accumulation(world, resumed):
 
 
 def test_sft_data_parallel_mesh(world, resumed):
-    """data_parallel=True on 8 devices equals one device after 2 steps."""
+    """mesh=MeshConfig() on 8 devices equals one device after 2 steps."""
     assert jax.local_device_count() == 8  # tests/conftest.py
     first, _ = resumed
     cfg = sft_config(world.root, world.tokenizer, world.pref["sft"], "sft_mesh", steps=2,
-                     data_parallel=True)
+                     mesh=MeshConfig())
     out = sft.run(cfg)
     chex_close(out["state"].params, first["state"].params, atol=1e-5)
     la = [r["loss"] for r in assert_run_outputs(out, steps=2, kind="SFTConfig")]
@@ -109,8 +110,8 @@ def test_run_dir_reused_with_another_config(world):
 
 def test_batch_not_divisible_by_devices(world, tmp_path):
     cfg = dataclasses.replace(world.sft_cfg, output_dir=str(tmp_path / "x"), batch_size=12,
-                              data_parallel=True)
-    with pytest.raises(ValueError, match="batch_size 12 is not divisible by the 8 local"):
+                              mesh=MeshConfig())
+    with pytest.raises(ValueError, match="^batch_size 12 is not divisible by data x fsdp = 8"):
         sft.run(cfg)
 
 

@@ -18,7 +18,7 @@ def crash_sft_config(*, train_data: str, tokenizer: str, output_dir: str, steps:
     the reference) and of the numerical-guard tests."""
     return sft.SFTConfig(train_data=train_data, tokenizer=tokenizer, output_dir=output_dir,
                          model=TINY, max_length=48, packing=True, batch_size=8,
-                         optimizer=CRASH_OPT, on_overflow="truncate", data_parallel=False,
+                         optimizer=CRASH_OPT, on_overflow="truncate", mesh=None,
                          loop=LoopConfig(total_steps=steps, log_every=1, save_every=save_every,
                                          keep_checkpoints=keep, max_consecutive_skips=max_skips,
                                          progress=False, tensorboard=False,

@@ -54,22 +54,22 @@ def _configs(world, root: str) -> dict:
         "sft": (sft, lambda d: sft.SFTConfig(
             train_data=world.pref["sft"], tokenizer=world.tokenizer, output_dir=d, model=TINY,
             max_length=48, packing=False, batch_size=20, optimizer=OPT, loop=LOOP,
-            on_overflow="truncate", data_parallel=False), {}),
+            on_overflow="truncate", mesh=None), {}),
         "dpo": (dpo, lambda d: dpo.DPOConfig(
             train_data=world.pref["preference"], tokenizer=world.tokenizer, policy=sft_model,
             output_dir=d, max_prompt_length=24, max_length=48, batch_size=20, optimizer=OPT,
-            loop=LOOP, data_parallel=False), {}),
+            loop=LOOP, mesh=None), {}),
         "ppo": (ppo, lambda d: ppo.PPOConfig(
             prompts=world.pref["prompts"], tokenizer=world.tokenizer, policy=sft_model,
             reward_model=ModelSpec(path=world.rm["model_dir"]), output_dir=d,
             max_prompt_length=24, max_new_tokens=6, rollout_batch_size=10, ppo_epochs=1,
             num_minibatches=2, kl_controller="adaptive", kl_target=0.5, kl_horizon=100.0,
-            optimizer=OPT, loop=LOOP, data_parallel=False), {}),
+            optimizer=OPT, loop=LOOP, mesh=None), {}),
         "grpo": (grpo, lambda d: grpo.GRPOConfig(
             prompts=world.arith["train_prompts"], tokenizer=world.tokenizer, policy=sft_model,
             output_dir=d, max_prompt_length=16, max_new_tokens=4, prompts_per_step=5,
             group_size=2, num_minibatches=2, kl_coef=0.05, optimizer=OPT, loop=LOOP,
-            data_parallel=False),
+            mesh=None),
             {"reward_fns": {"exact_match": exact_match_reward, "length": length_reward}}),
     }
 

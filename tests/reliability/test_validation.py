@@ -17,6 +17,7 @@ import jax
 import pytest
 
 from rlhf_jax.data import (DataError, encode_sft, load_jsonl, train_bpe_tokenizer)
+from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.pipelines import (ModelSpec, best_of_n, common, distill, dpo, grpo, ppo,
                                 reward_model, rollouts, sft)
 from rlhf_jax.rewards import exact_match_reward
@@ -101,14 +102,14 @@ def _cfg(stage: str, data: str, tok: str, out: str, **kw):
     common_kw = dict(tokenizer=tok, output_dir=out, seed=0)
     if stage in ("sft", "distill"):
         base = dict(train_data=data, max_length=16, batch_size=2, loop=LOOP,
-                    data_parallel=False)
+                    mesh=None)
         if stage == "sft":
             return sft.SFTConfig(**common_kw, **(base | dict(model=TINY) | kw))
         return distill.DistillConfig(**common_kw, **(base | dict(teacher=TINY, student=TINY)
                                                      | kw))
     if stage in ("reward_model", "dpo"):
         base = dict(train_data=data, max_prompt_length=8, max_length=16, batch_size=2,
-                    loop=LOOP, data_parallel=False, on_overflow="error")
+                    loop=LOOP, mesh=None, on_overflow="error")
         if stage == "reward_model":
             return reward_model.RewardModelConfig(**common_kw, **(base | dict(model=TINY) | kw))
         return dpo.DPOConfig(**common_kw, **(base | dict(policy=TINY) | kw))
@@ -116,10 +117,10 @@ def _cfg(stage: str, data: str, tok: str, out: str, **kw):
     if stage == "ppo":
         return ppo.PPOConfig(**common_kw, **(base | dict(
             reward_model=TINY, rollout_batch_size=2, num_minibatches=1, loop=LOOP,
-            data_parallel=False) | kw))
+            mesh=None) | kw))
     if stage == "grpo":
         return grpo.GRPOConfig(**common_kw, **(base | dict(
-            prompts_per_step=1, group_size=2, loop=LOOP, data_parallel=False) | kw))
+            prompts_per_step=1, group_size=2, loop=LOOP, mesh=None) | kw))
     return best_of_n.BestOfNConfig(**common_kw, **(base | dict(
         reward_model=TINY, n=2, prompts_per_batch=2, progress=False) | kw))
 
@@ -321,13 +322,14 @@ def test_batch_not_divisible_by_devices(tmp_path, tok_dir, no_build):
     data = _write(tmp_path / "train.jsonl", [GOOD["prompt_completion"]] * 12)
     with pytest.raises(ValueError) as err:
         _run("sft", _cfg("sft", data, tok_dir, str(tmp_path / "run"), batch_size=12,
-                         data_parallel=True))
-    assert str(err.value) == ("batch_size 12 is not divisible by the 8 local devices; change "
-                              "batch_size or set data_parallel=False")
+                         mesh=MeshConfig()))
+    assert str(err.value) == ("batch_size 12 is not divisible by data x fsdp = 8 (mesh "
+                              "{'data': 8, 'fsdp': 1, 'tensor': 1} over 8 devices); change "
+                              "batch_size or the mesh (mesh=None: one device)")
     data = _write(tmp_path / "prompts.jsonl", [GOOD["prompt"]] * 6)
-    with pytest.raises(ValueError, match="^batch_size 6 is not divisible by the 8 local"):
+    with pytest.raises(ValueError, match="^rollout_batch_size 6 is not divisible by data x fsdp = 8"):
         _run("ppo", _cfg("ppo", data, tok_dir, str(tmp_path / "ppo"), rollout_batch_size=6,
-                         num_minibatches=2, data_parallel=True))
+                         num_minibatches=2, mesh=MeshConfig()))
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward_model", "dpo", "distill"])
