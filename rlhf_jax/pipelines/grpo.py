@@ -24,6 +24,13 @@ reinforce_pp   batch-whitened r     token mean                     \-
 Dynamic sampling keeps shapes fixed: groups whose rewards are all equal (zero advantage, no
 signal) are masked out of the loss and its denominator instead of being re-sampled, which is
 what removing them from the batch does to a token-mean loss; the fraction kept is logged.
+
+With one update per rollout (``num_iterations == 1`` and ``num_minibatches == 1``;
+``reuse_logprobs``, on by default) the policy that sampled is the policy being updated, so the
+"old" log-probs are the current ones:
+``old = stop_gradient(logp)``, the ratio is exactly 1 and its gradient is the policy gradient.
+The rollout then skips a full scoring pass of the policy (as TRL does in that case); the
+sampler-vs-trainer log-prob gap is measured inside the update instead.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from rlhf_jax.losses import grpo_loss
 from rlhf_jax.models import score_completions, sequence_rewards
 from rlhf_jax.ops import (group_advantages, masked_mean, reinforce_pp_advantages,
                           rloo_advantages)
+from rlhf_jax.ops.stats import Mean
 from rlhf_jax.parallel import MeshConfig, batch_sharding, fetch, replicated
 from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, finish_run, load_model,
                                        make_mesh, model_shardings, place, prepare_run_dir)
@@ -114,6 +122,10 @@ class GRPOConfig:
     num_iterations: int = 1
     """Passes over each rollout (mu in the GRPO paper)."""
     num_minibatches: int = 1
+    reuse_logprobs: bool = True
+    """With one update per rollout (``num_iterations == num_minibatches == 1``) take the "old"
+    log-probs from the update's own forward pass (ratio 1) instead of scoring the policy a second
+    time after sampling; False always scores it (same numbers to float rounding, slower)."""
     clip_eps_low: float = 0.2
     clip_eps_high: float | None = None
     """Overrides the variant's (None: the variant's, or ``clip_eps_low``)."""
@@ -151,11 +163,13 @@ def make_grpo_functions(cfg: GRPOConfig, policy, reference, sampling, optimizer)
     clip_high = cfg.clip_eps_high if cfg.clip_eps_high is not None else var.clip_eps_high
     max_tokens = cfg.max_tokens or cfg.max_new_tokens
     use_ref = cfg.kl_coef > 0
+    on_policy = cfg.reuse_logprobs and cfg.num_iterations == 1 and cfg.num_minibatches == 1
 
     def rollout(state, ref_params, prompt, prompt_mask):
         out = sample(state.params, prompt, prompt_mask, step_key(state))
         args = (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
-        old = score_completions(policy, state.params, *args, temperature=temp).logprobs
+        old = (out.logprobs if on_policy  # the update's own log-probs serve as "old"
+               else score_completions(policy, state.params, *args, temperature=temp).logprobs)
         ref = (score_completions(reference, ref_params, *args, temperature=temp).logprobs
                if use_ref else jnp.zeros_like(old))
         diff = masked_mean(jnp.abs(out.logprobs - old), out.mask)
@@ -176,10 +190,16 @@ def make_grpo_functions(cfg: GRPOConfig, policy, reference, sampling, optimizer)
         def loss_fn(params, mb, _key):
             p, pm, c, m, o, r, a = mb
             lp = score_completions(policy, params, p, pm, c, m, temperature=temp).logprobs
-            return grpo_loss(lp, o, a, m, ref_logp=r if use_ref else None,
-                             kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
-                             clip_eps_low=cfg.clip_eps_low, clip_eps_high=clip_high,
-                             aggregation=var.aggregation, max_tokens=max_tokens)
+            extra = {}
+            if on_policy:  # o holds the sampler's log-probs: measure the gap, then use lp
+                extra = {"logprob_diff_sampler_trainer": Mean(
+                    jnp.sum(jnp.where(m, jnp.abs(o - lp), 0.0)), jnp.sum(m, dtype=jnp.float32))}
+                o = jax.lax.stop_gradient(lp)
+            total, count, metrics = grpo_loss(
+                lp, o, a, m, ref_logp=r if use_ref else None, kl_coef=cfg.kl_coef,
+                kl_estimator=cfg.kl_estimator, clip_eps_low=cfg.clip_eps_low,
+                clip_eps_high=clip_high, aggregation=var.aggregation, max_tokens=max_tokens)
+            return total, count, metrics | extra
 
         params, opt_state, bad, metrics = minibatch_updates(
             loss_fn, optimizer, state.params, state.opt_state, batch,
@@ -283,7 +303,7 @@ def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
         state, metrics = update_jit(state, out, old, ref,
                                     place(np.asarray(total, np.float32), batch_rows))
         metrics |= {f"rewards/{k}": float(s.mean()) for k, s in scores.items()}
-        return state, metrics | {"logprob_diff_sampler_trainer": diff}
+        return state, {"logprob_diff_sampler_trainer": diff} | metrics  # on-policy: update's
 
     eval_fn = None
     if cfg.eval_prompts:

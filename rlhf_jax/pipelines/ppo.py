@@ -76,6 +76,9 @@ class PPOConfig:
     value_clip: float | None = 0.2
     vf_coef: float = 0.5
     entropy_coef: float = 0.0
+    """Weight of the entropy bonus; 0 skips the update's entropy pass over the vocabulary. The
+    logged ``entropy`` is the sampling policy's (rollout); with a bonus, ``policy/entropy`` is
+    the updated policy's."""
     kl_mode: str = "reward"
     """``reward``: k1 in the per-token reward; ``loss``: ``kl_estimator`` in the loss."""
     kl_estimator: str = "k3"
@@ -200,8 +203,9 @@ def make_ppo_functions(cfg: PPOConfig, models: Models, sampling: SamplingConfig,
 
     def loss_fn(params, mb: Rollout, kl_coef):
         args = (mb.prompt, mb.prompt_mask, mb.completion, mb.mask)
+        use_entropy = cfg.entropy_coef != 0  # else skip a second pass over the vocabulary
         sc = score_completions(models.policy, params["policy"], *args, temperature=temp,
-                               entropy=True, values=shared)
+                               entropy=use_entropy, values=shared)
         agg = dict(aggregation=cfg.aggregation)
         pl, count, pm = ppo_policy_loss(sc.logprobs, mb.old_logp, mb.advantages, mb.mask,
                                         clip_eps_low=cfg.clip_eps_low,
@@ -209,8 +213,12 @@ def make_ppo_functions(cfg: PPOConfig, models: Models, sampling: SamplingConfig,
                                         dual_clip=cfg.dual_clip, **agg)
         vl, _, vm = value_loss(values_of(params, *args, sc), mb.old_values, mb.returns, mb.mask,
                                clip_eps=cfg.value_clip, **agg)
-        el, _, em = entropy_bonus(sc.entropy, mb.mask, coef=cfg.entropy_coef, **agg)
-        total = pl + cfg.vf_coef * vl + el
+        total = pl + cfg.vf_coef * vl
+        em = {}  # "entropy" is the sampling policy's, from the rollout, either way
+        if use_entropy:
+            el, _, em = entropy_bonus(sc.entropy, mb.mask, coef=cfg.entropy_coef, **agg)
+            em = {f"policy/{k}": v for k, v in em.items()}  # under the updated params
+            total = total + el
         metrics = {f"policy/{k}": v for k, v in pm.items()} | {f"value/{k}": v
                                                                 for k, v in vm.items()}
         metrics |= {"policy_loss": Mean(pl, count), "value_loss": Mean(vl, count)} | em

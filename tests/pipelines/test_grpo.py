@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from rlhf_jax.models import load_hf_checkpoint
 from rlhf_jax.pipelines import ModelSpec, grpo
 from rlhf_jax.rewards.verifiers import exact_match_reward
 from rlhf_jax.train import OptimizerConfig
-from tests.pipelines.common import assert_moved, assert_run_outputs, assert_unchanged
+from tests.pipelines.common import (assert_moved, assert_run_outputs, assert_unchanged, flat,
+                                    train_rows)
 from tests.pipelines.conftest import loop
 
 OPT = OptimizerConfig(learning_rate=1e-3, schedule="constant", total_steps=2)
@@ -81,3 +84,27 @@ def test_grpo_config_checks(world):
     with pytest.raises(ValueError, match="needs reward_fns or a reward_model"):
         grpo.run(grpo_config(world, "grpo_none"))
     assert not os.path.exists(os.path.join(world.root, "grpo_none"))  # nothing written
+
+
+def test_one_update_per_rollout_reuses_the_updates_logprobs(world):
+    """``num_iterations == num_minibatches == 1``: "old" log-probs taken from the update's own
+    forward pass (one scoring pass fewer) give the run that scores the policy again, to float32
+    rounding, with the ratio exactly 1 (no clipping) and the sampler gap still measured."""
+    fns = {"exact_match": exact_match_reward, "length": length_reward}
+    runs = {}
+    for reuse in (True, False):
+        cfg = grpo_config(world, f"grpo_reuse_{reuse}", num_minibatches=1, kl_coef=0.05,
+                          reuse_logprobs=reuse)
+        result = grpo.run(cfg, reward_fns=fns)
+        runs[reuse] = (flat(jax.device_get(result["state"].params)),
+                       train_rows(result["run_dir"]))
+    (p_reuse, rows_reuse), (p_score, rows_score) = runs[True], runs[False]
+    for k in p_score:
+        np.testing.assert_allclose(p_reuse[k], p_score[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(rows_reuse, rows_score):
+        for key in ("loss", "reward", "kl", "response_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        assert a["clip_frac"] == 0.0 and a["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+        assert 0.0 <= a["logprob_diff_sampler_trainer"] < 1e-4
+    _, init = load_hf_checkpoint(world.sft["model_dir"], heads=("lm",))
+    assert any(not np.allclose(p_reuse[k], v) for k, v in flat(init).items() if k in p_reuse)

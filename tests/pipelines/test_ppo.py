@@ -128,3 +128,18 @@ def test_ppo_config_checks(world):
         ppo_config(world, "x", kl_controller="pid")
     with pytest.raises(ValueError, match="ppo_epochs"):
         ppo_config(world, "x", ppo_epochs=0)
+
+
+def test_ppo_entropy_bonus_only_when_asked(world, shared):
+    """``entropy_coef = 0`` skips the update's entropy pass over the vocabulary; a positive
+    coefficient puts the bonus back: same first rollout, different parameters after it."""
+    cfg = ppo_config(world, "ppo_entropy", steps=3, value_model="shared", kl_mode="loss",
+                     kl_coef=0.1, entropy_coef=0.5,
+                     optimizer=dataclasses.replace(OPT, total_steps=3))
+    bonus = ppo.run(cfg)
+    rows, base = train_rows(bonus["run_dir"]), train_rows(shared["run_dir"])
+    assert rows[0]["score"] == pytest.approx(base[0]["score"], abs=1e-6)  # same samples
+    assert rows[0]["entropy"] == pytest.approx(base[0]["entropy"], rel=1e-5)
+    leaves = zip(jax.tree.leaves(bonus["state"].params["policy"]),
+                 jax.tree.leaves(shared["state"].params["policy"]))
+    assert any(not np.allclose(np.asarray(a), np.asarray(b), atol=1e-6) for a, b in leaves)
