@@ -8,14 +8,16 @@ loss (sequence mean of token means, k3 KL to the frozen reference with beta 0.04
 AdamW update (constant lr, clipping 1.0). Defaults: 4 prompts x 4 = 16 completions of 64 tokens.
 
 * Ours is the GRPO pipeline's iteration (``pipelines/grpo.py``): ``make_grpo_functions``'s
-  ``rollout`` (sampler, then the policy's and the reference's log-probs) and ``update``, each
+  ``rollout`` (sampler, then the reference's log-probs; with one update per rollout the policy
+  is not scored again: ``reuse_logprobs``) and ``update``, each
   jitted as ``run`` does, with ``decode_completions`` and ``call_reward_fns`` in between (the
   body of ``run``'s ``step_fn``, which is local to ``run``).
 * TRL: ``GRPOTrainer.train()`` (transformers ``generate``, reference forward, reward, loss,
   backward, step), timed per step by a callback.
 
 ``ours_breakdown_s`` splits our step with ``block_until_ready`` between phases: the rollout
-function's parts timed as separate jitted calls (generation, policy scoring, reference scoring),
+function's parts timed as separate jitted calls (generation, reference scoring, and, for
+comparison, the policy scoring pass that ``reuse_logprobs`` saves),
 host decode + reward, and the update; ``ours_compile_breakdown_s`` gives each part's first call
 minus its steady state.
 """
@@ -111,7 +113,7 @@ def rollout_parts(policy, params, ref_params, sampling, prompts, mask, repeats) 
     out = jax.block_until_ready(sample(params, prompts, mask, key))
     jax.block_until_ready(score(params, out))
     parts = {"rollout.generate": lambda: sample(params, prompts, mask, key),
-             "rollout.policy_logprobs": lambda: score(params, out),
+             "saved.policy_logprobs": lambda: score(params, out),  # not in the rollout
              "rollout.reference_logprobs": lambda: score(ref_params, out)}
     res = {}
     for name, fn in parts.items():
