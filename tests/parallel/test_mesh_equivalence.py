@@ -1,5 +1,6 @@
 """The same computation on every mesh equals the single-device one: forward logits, the SFT loss
-and its gradients, three AdamW steps, and checkpoints that restore onto any other mesh.
+and its gradients, three AdamW steps, checkpoints that restore onto any other mesh, and sampling
+(the same tokens).
 
 Meshes (data, fsdp, tensor) 8x1x1, 2x4x1, 2x2x2 and 1x1x8 on the 8 virtual CPU devices of
 ``tests/conftest.py``; params and optimizer state are placed with ``parallel.param_shardings`` /
@@ -22,6 +23,7 @@ from rlhf_jax.losses import sft_loss
 from rlhf_jax.models import token_batch_logprobs
 from rlhf_jax.parallel import (batch_spec, opt_state_shardings, param_shardings, path_str,
                                shard_params)
+from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import (Checkpointer, OptimizerConfig, TrainState, create_train_state,
                             make_optimizer)
 from rlhf_jax.types import TokenBatch
@@ -227,3 +229,41 @@ def test_checkpoint_restores_onto_another_mesh_and_one_device(i, tmp_path):
                                 jax.tree.leaves(host_state)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(e), err_msg=path_str(path))
     ck.close()
+
+
+
+SAMPLING = SamplingConfig(max_new_tokens=12, eos_ids=(1,), pad_id=0, temperature=1.0, n=2)
+
+
+def _prompts():
+    r = np.random.default_rng(5)
+    mask = np.ones((4, 8), bool)
+    mask[1, :3] = mask[3, :5] = False  # left padding
+    return (r.integers(1, CONFIG.vocab_size, (4, 8)) * mask).astype(np.int32), mask
+
+
+@functools.lru_cache(maxsize=None)
+def _ref_samples():
+    model, params = toy_model(CONFIG)
+    out = make_sampler(model, SAMPLING)(jax.device_put(params, jax.devices()[0]), *_prompts(),
+                                        jax.random.PRNGKey(3))
+    return jax.device_get(out)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_generation_on_mesh_gives_the_same_tokens(shape):
+    """Sampling (temperature 1, 4 prompts x n=2 = 8 rows, 12 new tokens) with the params sharded
+    by the rules and the completions split over ``data x fsdp``: the same tokens, masks and
+    truncation as on one device, log-probs to float32 rounding."""
+    ref = _ref_samples()
+    model, mesh, ps, bs, params, _ = _placed(shape)
+    rep = NamedSharding(mesh, P())
+    sample = jax.jit(make_sampler(model, SAMPLING), in_shardings=(ps, rep, rep, rep),
+                     out_shardings=bs)
+    out = sample(params, *_prompts(), jax.random.PRNGKey(3))
+    assert out.tokens.sharding.is_equivalent_to(bs, 2)
+    got = jax.device_get(out)
+    assert got.mask.sum() > 8  # something was generated
+    for name in ("prompt_tokens", "prompt_mask", "tokens", "mask", "truncated"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=RTOL, atol=1e-5)
