@@ -93,6 +93,21 @@ def test_sft_data_parallel_mesh(world, resumed):
     np.testing.assert_allclose(la, lb, rtol=1e-6)
 
 
+def test_sft_resumes_on_another_mesh(world):
+    """2 steps on a data=2 x fsdp=4 mesh, then the same run extended to 4 steps on one device:
+    the straight one-device run's parameters and losses (the mesh is not part of the run's
+    identity; the checkpoint restores onto whatever the new run places it on)."""
+    cfg = sft_config(world.root, world.tokenizer, world.pref["sft"], "sft_remesh", steps=2,
+                     mesh=MeshConfig(data=2, fsdp=4))
+    sft.run(cfg)
+    out = sft.run(dataclasses.replace(cfg, loop=world.sft_cfg.loop, mesh=None))
+    assert out["steps"] == 4
+    chex_close(out["state"].params, world.sft["state"].params, atol=1e-5)
+    la = [r["loss"] for r in assert_run_outputs(out, steps=4, kind="SFTConfig")]
+    lb = [r["loss"] for r in train_rows(world.sft["run_dir"])]
+    np.testing.assert_allclose(la, lb, rtol=1e-5)
+
+
 def chex_close(a, b, *, atol):
     fa, fb = flat(a), flat(b)
     assert fa.keys() == fb.keys()
