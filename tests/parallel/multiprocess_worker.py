@@ -3,15 +3,16 @@
     RLHF_JAX_COORDINATOR=127.0.0.1:12355 RLHF_JAX_NUM_PROCESSES=2 RLHF_JAX_PROCESS_ID=0 \\
         python -m tests.parallel.multiprocess_worker DATA_DIR OUT_DIR LOCAL_DEVICES
 
-Runs a few SFT steps and a few GRPO steps (sampling included) on a ``data=2 x fsdp=2`` mesh over
-all the processes' devices, then writes what this process sees into
-``OUT_DIR/rank{process_index}.npz``: the final parameters (gathered) and the per-step train
-metrics that the run's ``metrics.jsonl`` holds. Without the ``RLHF_JAX_*`` variables it is the
+Runs a few SFT steps and a few GRPO steps (sampling included, with a greedy evaluation on held-out
+prompts at steps 0 and 3) on a ``data=2 x fsdp=2`` mesh over all the processes' devices, then
+writes what this process sees into ``OUT_DIR/rank{process_index}.npz``: the final parameters
+(gathered) and the per-step train and eval metrics that the run's ``metrics.jsonl`` holds. Without the ``RLHF_JAX_*`` variables it is the
 one-process reference run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -53,7 +54,9 @@ def main(data_dir: str, out_dir: str, local_devices: int) -> None:
         prompts=os.path.join(data_dir, "train_prompts.jsonl"), tokenizer=tok,
         policy=ModelSpec(path=sft_out["model_dir"]), output_dir=os.path.join(out_dir, "grpo"),
         max_prompt_length=16, max_new_tokens=4, prompts_per_step=4, group_size=2,
-        num_minibatches=2, kl_coef=0.05, optimizer=opt, loop=loop, mesh=mesh),
+        num_minibatches=2, kl_coef=0.05, optimizer=opt, mesh=mesh,
+        eval_prompts=os.path.join(data_dir, "eval_prompts.jsonl"),
+        loop=dataclasses.replace(loop, eval_every=3)),
         reward_fns={"exact_match": exact_match_reward, "length": _length})
 
     arrays = {}
@@ -61,13 +64,17 @@ def main(data_dir: str, out_dir: str, local_devices: int) -> None:
         params = fetch(out["state"].params)  # every process joins the gather
         for path, x in jax.tree_util.tree_leaves_with_path(params):
             arrays[f"{stage}/param{jax.tree_util.keystr(path)}"] = np.asarray(x)
-        rows = [r for r in read_jsonl_metrics(os.path.join(out["run_dir"], "metrics.jsonl"))
-                if r["split"] == "train"]
-        keys = sorted(k for k in rows[0] if k not in ("split", "step", "time")
-                      and not k.endswith(("per_s", "seconds")))  # timings differ
-        arrays[f"{stage}/steps"] = np.array([r["step"] for r in rows])
-        for k in keys:
-            arrays[f"{stage}/metric/{k}"] = np.array([r[k] for r in rows], np.float64)
+        logged = read_jsonl_metrics(os.path.join(out["run_dir"], "metrics.jsonl"))
+        for split in ("train", "eval"):
+            rows = [r for r in logged if r["split"] == split]
+            if not rows:
+                continue
+            keys = sorted(k for k in rows[0] if k not in ("split", "step", "time")
+                          and not k.endswith(("per_s", "seconds")))  # timings differ
+            arrays[f"{stage}/{split}_steps"] = np.array([r["step"] for r in rows])
+            for k in keys:
+                arrays[f"{stage}/metric/{split}/{k}"] = np.array([r[k] for r in rows],
+                                                                 np.float64)
     np.savez(os.path.join(out_dir, f"rank{jax.process_index()}.npz"), **arrays)
 
 

@@ -90,7 +90,9 @@ def test_two_processes_match_one(runs, stage):
     one, rank0 = runs["one"], runs["rank0"]
     keys = sorted(k for k in one if k.startswith(stage + "/"))
     assert keys == sorted(k for k in rank0 if k.startswith(stage + "/"))
-    np.testing.assert_array_equal(rank0[f"{stage}/steps"], [1, 2, 3])
+    np.testing.assert_array_equal(rank0[f"{stage}/train_steps"], [1, 2, 3])
+    if stage == "grpo":  # the greedy evaluation ran on the mesh too
+        np.testing.assert_array_equal(rank0["grpo/eval_steps"], [0, 3])
     metrics = [k for k in keys if "/metric/" in k]
     params = [k for k in keys if "/param" in k]
     assert metrics and params
@@ -102,7 +104,7 @@ def test_two_processes_match_one(runs, stage):
     if stage == "grpo":  # it starts from the SFT result: some parameters must have moved
         assert any(not np.allclose(one[k], one[k.replace("grpo/", "sft/")]) for k in params)
     else:
-        loss = one["sft/metric/loss"]
+        loss = one["sft/metric/train/loss"]
         assert loss[-1] < loss[0], loss
 
 
