@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from rlhf_jax.models.transformer import Model
-from rlhf_jax.ops.logprobs import chunked_entropy, chunked_token_logprobs
+from rlhf_jax.ops.logprobs import chunked_logprobs_and_entropy, chunked_token_logprobs
 from rlhf_jax.types import TokenBatch
 
 
@@ -89,12 +89,13 @@ def score_completions(
     h = hidden[:, p - 1:p + c - 1]
     w = model.unembedding(params)
     m = completion_mask.astype(bool)
-    lp = chunked_token_logprobs(h, w, completion, temperature=temperature, chunk_t=chunk_t,
-                                chunk_v=chunk_v)
+    chunks = dict(temperature=temperature, chunk_t=chunk_t, chunk_v=chunk_v)
     ent = None
-    if entropy:
-        ent = jnp.where(m, chunked_entropy(h, w, temperature=temperature, chunk_t=chunk_t,
-                                           chunk_v=chunk_v), 0.0)
+    if entropy:  # both from one sweep over the vocabulary
+        lp, ent = chunked_logprobs_and_entropy(h, w, completion, **chunks)
+        ent = jnp.where(m, ent, 0.0)
+    else:
+        lp = chunked_token_logprobs(h, w, completion, **chunks)
     val = jnp.where(m, model.values(params, h), 0.0) if values else None
     return CompletionScores(jnp.where(m, lp, 0.0), ent, val)
 

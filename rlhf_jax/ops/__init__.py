@@ -35,6 +35,7 @@ from rlhf_jax.ops.kl_control import (
 )
 from rlhf_jax.ops.logprobs import (
     chunked_entropy,
+    chunked_logprobs_and_entropy,
     chunked_token_logprobs,
     entropy_from_logits,
     token_logprobs,
@@ -56,6 +57,7 @@ __all__ = [
     "entropy_from_logits",
     "chunked_token_logprobs",
     "chunked_entropy",
+    "chunked_logprobs_and_entropy",
     # masked reductions
     "masked_sum",
     "masked_count",

@@ -118,23 +118,26 @@ def _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v):
     return jax.lax.fori_loop(0, -(-t // chunk_t), body, (zeros, zeros, zeros))
 
 
+# ``mode``: which outputs are differentiated ("logprobs", "entropy" or "both"); the forward pass
+# yields both from one sweep over the vocabulary either way.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _chunked(hidden, unembed, targets, entropy, temperature, chunk_t, chunk_v):
+def _chunked(hidden, unembed, targets, mode, temperature, chunk_t, chunk_v):
     lse, ez, z_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v)
-    return lse - ez if entropy else z_y - lse
+    return z_y - lse, lse - ez
 
 
-def _chunked_fwd(hidden, unembed, targets, entropy, temperature, chunk_t, chunk_v):
+def _chunked_fwd(hidden, unembed, targets, mode, temperature, chunk_t, chunk_v):
     lse, ez, z_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v)
-    out = lse - ez if entropy else z_y - lse
-    return out, (hidden, unembed, targets, lse, ez)
+    return (z_y - lse, lse - ez), (hidden, unembed, targets, lse, ez)
 
 
-def _chunked_bwd(entropy, temperature, chunk_t, chunk_v, res, g):
-    """Recompute each logit chunk; ``dz = g (onehot(y) - p)`` or ``-g p (z - E[z])``, over T."""
+def _chunked_bwd(mode, temperature, chunk_t, chunk_v, res, gs):
+    """Recompute each logit chunk; ``dz = g_lp (onehot(y) - p) - g_H p (z - E[z])``, over T (a
+    term is skipped when ``mode`` says its output is not differentiated)."""
     hidden, unembed, targets, lse, ez = res
     (b, t, d), v = hidden.shape, unembed.shape[1]
-    g = g.astype(jnp.float32)
+    use_lp, use_ent = mode in ("logprobs", "both"), mode in ("entropy", "both")
+    g_lp, g_ent = (x.astype(jnp.float32) for x in gs)
 
     def time_body(i, carry):
         dh, dw = carry  # [B, T, D], [D, V] float32
@@ -142,7 +145,8 @@ def _chunked_bwd(entropy, temperature, chunk_t, chunk_v, res, g):
         sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start,
                                slice_size=chunk_t, axis=1)
         h, y, lse_c, ez_c = sl(hidden), sl(targets), sl(lse), sl(ez)
-        g_c = jnp.where(new_t, sl(g), 0.0) / temperature  # [B, ct]; overlap counted once
+        gl_c = jnp.where(new_t, sl(g_lp), 0.0) / temperature  # [B, ct]; overlap counted once
+        ge_c = jnp.where(new_t, sl(g_ent), 0.0) / temperature
 
         def vocab_body(j, inner):
             dh_c, dw = inner
@@ -150,11 +154,12 @@ def _chunked_bwd(entropy, temperature, chunk_t, chunk_v, res, g):
             w = jax.lax.dynamic_slice_in_dim(unembed, vs, chunk_v, axis=1)  # [D, cv]
             z = _logits(h, w, temperature)  # [B, ct, cv]
             p = jnp.where(new_v, jnp.exp(z - lse_c[..., None]), 0.0)
-            if entropy:
-                dz = -g_c[..., None] * p * (z - ez_c[..., None])
-            else:
+            dz = jnp.zeros_like(p)
+            if use_lp:
                 hit = (vs + jnp.arange(chunk_v) == y[..., None]) & new_v
-                dz = g_c[..., None] * (hit.astype(jnp.float32) - p)
+                dz = gl_c[..., None] * (hit.astype(jnp.float32) - p)
+            if use_ent:
+                dz = dz - ge_c[..., None] * p * (z - ez_c[..., None])
             dh_c = dh_c + jnp.einsum("btv,dv->btd", dz, w, preferred_element_type=jnp.float32)
             dw_c = jnp.einsum("btd,btv->dv", h, dz, preferred_element_type=jnp.float32)
             old = jax.lax.dynamic_slice_in_dim(dw, vs, chunk_v, axis=1)
@@ -197,7 +202,8 @@ def chunked_token_logprobs(
     Chunk sizes need not divide ``T`` or ``V``.
     """
     ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v)
-    return _chunked(hidden, unembed, targets.astype(jnp.int32), False, float(temperature), ct, cv)
+    return _chunked(hidden, unembed, targets.astype(jnp.int32), "logprobs", float(temperature),
+                    ct, cv)[0]
 
 
 def chunked_entropy(
@@ -215,4 +221,23 @@ def chunked_entropy(
     """
     ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v)
     targets = jnp.zeros(hidden.shape[:2], jnp.int32)  # unused by the entropy
-    return _chunked(hidden, unembed, targets, True, float(temperature), ct, cv)
+    return _chunked(hidden, unembed, targets, "entropy", float(temperature), ct, cv)[1]
+
+
+def chunked_logprobs_and_entropy(
+    hidden: Float[Array, "B T D"],
+    unembed: Float[Array, "D V"],
+    targets: Int[Array, "B T"],
+    *,
+    temperature: float = 1.0,
+    chunk_t: int = 128,
+    chunk_v: int = 8192,
+) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
+    """``(chunked_token_logprobs(...), chunked_entropy(...))`` from one sweep over the
+    vocabulary (one logit matmul instead of two, forward and backward): the online statistics
+    ``m``, ``s = sum exp(z - m)``, ``u = sum exp(z - m) z`` give ``log pi(y) = z_y - m - log s``
+    and ``H = m + log s - u / s``. The gradient sums both terms' ``dz`` in one pass.
+    """
+    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v)
+    return _chunked(hidden, unembed, targets.astype(jnp.int32), "both", float(temperature),
+                    ct, cv)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from rlhf_jax.ops.logprobs import (
     chunked_entropy,
+    chunked_logprobs_and_entropy,
     chunked_token_logprobs,
     entropy_from_logits,
     token_logprobs,
@@ -292,6 +293,67 @@ def test_chunked_token_logprobs_grad_under_jit_and_bf16():
         hb.astype(jnp.float32), wb.astype(jnp.float32))
     _close(gh.astype(jnp.float32), ref[0], rtol=2e-2, atol=2e-2)
     _close(gw.astype(jnp.float32), ref[1], rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------- fused log-probs + entropy: four kinds
+def test_chunked_logprobs_and_entropy_hand():
+    # the two hand cases above, from one sweep: row [1, 0] -> logits [0, ln 3], row [0, 1] ->
+    # logits [5, 5]
+    h = jnp.array([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    w = jnp.array([[0.0, LN3], [5.0, 5.0]])
+    lp, ent = chunked_logprobs_and_entropy(h, w, jnp.array([[0, 1, 1]]), chunk_t=2, chunk_v=1)
+    _close(lp, [[-1.386294, -0.287682, -0.693147]])
+    _close(ent, [[0.562335, 0.562335, 0.693147]])
+
+
+@pytest.mark.parametrize("chunk_t,chunk_v", CHUNKS)
+def test_chunked_logprobs_and_entropy_numpy_loops(chunk_t, chunk_v):
+    h, w, y = _hwy(15)
+    logits = np.einsum("btd,dv->btv", h.astype(np.float64), w.astype(np.float64))
+    lp, ent = chunked_logprobs_and_entropy(h, w, y, temperature=0.8, chunk_t=chunk_t,
+                                           chunk_v=chunk_v)
+    _close(lp, np_token_logprobs(logits, y, 0.8))
+    _close(ent, np_entropy(logits, 0.8))
+
+
+_jit_both = jax.jit(chunked_logprobs_and_entropy,
+                    static_argnames=("temperature", "chunk_t", "chunk_v"))
+
+
+@given(float_array_strategy((B, T, D), -3.0, 3.0), st.integers(0, 10_000), _chunks)
+def test_chunked_logprobs_and_entropy_property_equals_the_separate_functions(h, seed, chunks):
+    _, w, y = _hwy(seed)
+    kw = dict(temperature=1.1, chunk_t=chunks[0], chunk_v=chunks[1])
+    lp, ent = _jit_both(h, w, y, **kw)
+    # the same statistics; separately compiled programs may differ in the last bit
+    _close(lp, _jit_lp(h, w, y, **kw), rtol=1e-6, atol=1e-6)
+    _close(ent, _jit_ent(h, w, **kw), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_t,chunk_v", [(3, 4), (7, 13), (1, 1)])
+def test_chunked_logprobs_and_entropy_grad_equals_plain(chunk_t, chunk_v):
+    """A loss on both outputs (as PPO's entropy bonus with its policy term): one backward sweep
+    gives the gradient of the plain-logits form."""
+    h, w, y = _hwy(16)
+    g2 = jnp.asarray(rng(17).normal(size=h.shape[:2]), jnp.float32)
+
+    def both(f):
+        def loss(a, b):
+            lp, ent = f(a, b)
+            return jnp.sum(lp * g2) - 0.3 * jnp.sum(ent * g2 ** 2)
+        return jax.value_and_grad(loss, argnums=(0, 1))(h, w)
+
+    v1, g1 = both(lambda a, b: chunked_logprobs_and_entropy(
+        a, b, y, temperature=0.9, chunk_t=chunk_t, chunk_v=chunk_v))
+    v0, g0 = both(lambda a, b: (token_logprobs(a @ b, y, temperature=0.9),
+                                entropy_from_logits(a @ b, temperature=0.9)))
+    _close(v1, v0)
+    _close(g1[0], g0[0])
+    _close(g1[1], g0[1])
+    h1, w1, y1 = _hwy(18, b=1, t=4, d=3, v=5)
+    check_grads(lambda a, b: sum(jnp.sum(o) for o in chunked_logprobs_and_entropy(
+        a, b, y1, chunk_t=3, chunk_v=2)), (h1, w1), order=1, modes=["rev"], eps=1e-3,
+        atol=1e-2, rtol=1e-2)
 
 
 # ---------------------------------------------------------------------------- memory (XLA)
