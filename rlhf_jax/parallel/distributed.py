@@ -11,9 +11,13 @@ Where the settings come from, first match wins:
 1. the keyword arguments;
 2. ``RLHF_JAX_COORDINATOR`` (``host:port`` of process 0), ``RLHF_JAX_NUM_PROCESSES`` and
    ``RLHF_JAX_PROCESS_ID``: for launching processes by hand (or from any scheduler);
-3. the cluster's own environment, which ``jax.distributed.initialize()`` detects by itself:
-   SLURM (``srun``), Open MPI (``mpirun``), Cloud TPU pod slices, Kubernetes JobSets. We call
-   it without arguments when one of these is visible with more than one process.
+3. ``RLHF_JAX_DISTRIBUTED=auto``: call ``jax.distributed.initialize()`` without arguments and
+   let JAX read the cluster (Cloud TPU pod slices, whose layout comes from the TPU VM metadata
+   server and cannot be seen in the environment; Kubernetes JobSets; any launcher JAX knows);
+4. detected here without being asked: a SLURM step launched by ``srun`` with more than one task
+   (``SLURM_STEP_NUM_TASKS``; a batch script's own ``python`` is one process, not many) and an
+   Open MPI ``mpirun`` with more than one rank (``OMPI_COMM_WORLD_SIZE`` plus the
+   ``OMPI_MCA_orte_hnp_uri`` JAX needs). ``RLHF_JAX_DISTRIBUTED=off`` turns this off.
 
 With none of these, nothing happens and the run is an ordinary one-process run.
 """
@@ -39,14 +43,22 @@ def _int_env(name: str) -> int | None:
         raise ValueError(f"{name}={text!r} is not an integer") from None
 
 
+ENV_AUTO = "RLHF_JAX_DISTRIBUTED"
+
+
 def _cluster_detected() -> bool:
     """A multi-process launch that ``jax.distributed.initialize()`` can configure itself."""
+    auto = os.environ.get(ENV_AUTO, "").strip().lower()
+    if auto not in ("", "auto", "off"):
+        raise ValueError(f"{ENV_AUTO}={auto!r}: expected 'auto' or 'off'")
+    if auto == "off":
+        return False
+
     def many(name):
         return (_int_env(name) or 1) > 1
 
-    return (many("SLURM_NTASKS") or many("OMPI_COMM_WORLD_SIZE")
-            or "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
-            or "JOBSET_NAME" in os.environ)
+    return (auto == "auto" or many("SLURM_STEP_NUM_TASKS")
+            or many("OMPI_COMM_WORLD_SIZE") and "OMPI_MCA_orte_hnp_uri" in os.environ)
 
 
 def initialize_distributed(*, coordinator: str | None = None, num_processes: int | None = None,

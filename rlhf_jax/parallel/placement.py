@@ -81,6 +81,15 @@ def fetch(tree):
     return jax.tree.map(_fetch_leaf, tree)
 
 
+def from_main(x):
+    """Process 0's value of the host array ``x``, on every process (``broadcast_one_to_all``).
+    For values computed on the host by user code (reward functions) that must agree across
+    processes before ``put`` places them. Free with one process."""
+    if jax.process_count() == 1:
+        return x
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))
+
+
 def barrier(name: str) -> None:
     """Wait until every process reaches ``barrier(name)`` (e.g. until process 0 has written a
     file the others read next). Free with one process."""

@@ -127,8 +127,13 @@ def make_mesh(mesh: MeshConfig | None, batch_size: int, *, what: str = "batch_si
     when ``mesh`` is None or there is one device (plain single-device jit).
 
     Raises when ``batch_size`` does not split evenly over ``data x fsdp`` (checked before
-    anything is compiled).
+    anything is compiled), and for ``mesh=None`` in a multi-process run (every process would
+    train its own copy, and checkpoints cannot hold process-local arrays).
     """
+    if mesh is None and jax.process_count() > 1:
+        raise ValueError(f"mesh=None runs on one device, but this is a run of "
+                         f"{jax.process_count()} processes; give a mesh (MeshConfig(): data "
+                         f"parallel over all {jax.device_count()} devices)")
     if mesh is None or jax.device_count() == 1:
         return None
     built = parallel.make_mesh(mesh)

@@ -49,7 +49,7 @@ from rlhf_jax.models import score_completions, sequence_rewards
 from rlhf_jax.ops import (group_advantages, masked_mean, reinforce_pp_advantages,
                           rloo_advantages)
 from rlhf_jax.ops.stats import Mean
-from rlhf_jax.parallel import MeshConfig, batch_sharding, fetch, replicated
+from rlhf_jax.parallel import MeshConfig, batch_sharding, fetch, from_main, replicated
 from rlhf_jax.pipelines.common import (ModelSpec, check_sequence_fits, finish_run, load_model,
                                        make_mesh, model_shardings, place, prepare_run_dir)
 from rlhf_jax.pipelines.rollouts import (RewardFn, RolloutEval, call_reward_fns,
@@ -290,8 +290,7 @@ def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
         prompt_batch, index = batch
         out, old, ref, diff = rollout_jit(state, ref_params, prompt_batch.tokens,
                                           prompt_batch.mask)
-        host = fetch((out.prompt_tokens, out.prompt_mask, out.tokens, out.mask))
-        texts = decode_completions(tokenizer, host[2], host[3])
+        texts = decode_completions(tokenizer, *fetch((out.tokens, out.mask)))
         rep = np.repeat(np.asarray(index), cfg.group_size)
         cols = {c: [rows[i].get(c) for i in rep] for c in columns}
         scores = call_reward_fns(reward_fns, [rows[i]["prompt"] for i in rep], texts, cols)
@@ -300,8 +299,9 @@ def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
             rms = fetch(rm_score(out.prompt_tokens, out.prompt_mask, out.tokens, out.mask))
             scores["reward_model"] = rms
             total = total + cfg.reward_model_weight * rms
-        state, metrics = update_jit(state, out, old, ref,
-                                    place(np.asarray(total, np.float32), batch_rows))
+        # reward functions run on every process; process 0's values are the ones trained on
+        total = from_main(np.asarray(total, np.float32))
+        state, metrics = update_jit(state, out, old, ref, place(total, batch_rows))
         metrics |= {f"rewards/{k}": float(s.mean()) for k, s in scores.items()}
         return state, {"logprob_diff_sampler_trainer": diff} | metrics  # on-policy: update's
 

@@ -18,7 +18,8 @@ import pytest
 
 from experiments.tasks import arithmetic, preference_world
 from rlhf_jax.data import train_bpe_tokenizer
-from rlhf_jax.parallel.distributed import (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID,
+from rlhf_jax.parallel.distributed import (ENV_AUTO, ENV_COORDINATOR, ENV_NUM_PROCESSES,
+                                           ENV_PROCESS_ID, _cluster_detected,
                                            initialize_distributed)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -119,8 +120,8 @@ def test_only_process_zero_writes(runs):
 
 
 def test_initialize_distributed_arguments(monkeypatch):
-    for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, "SLURM_NTASKS",
-              "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME"):
+    for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID, ENV_AUTO,
+              "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri"):
         monkeypatch.delenv(k, raising=False)
     assert initialize_distributed() is False  # nothing configured: one process
     assert initialize_distributed(coordinator="h:1", num_processes=1, process_id=0) is False
@@ -134,6 +135,31 @@ def test_initialize_distributed_arguments(monkeypatch):
     monkeypatch.setenv(ENV_PROCESS_ID, "2")
     with pytest.raises(ValueError, match="outside"):
         initialize_distributed()
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"SLURM_NTASKS": "8"}, False),  # an sbatch script's own python: one process
+    ({"SLURM_STEP_NUM_TASKS": "8"}, True),  # srun
+    ({"SLURM_STEP_NUM_TASKS": "1"}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, False),  # Open MPI without what JAX needs to connect
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_hnp_uri": "x"}, True),
+    ({ENV_AUTO: "auto"}, True),  # TPU pod slices, JobSets: JAX reads the cluster itself
+    ({ENV_AUTO: "off", "SLURM_STEP_NUM_TASKS": "8"}, False),
+])
+def test_which_launches_join_a_cluster(monkeypatch, env, expected):
+    for k in (ENV_AUTO, "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE",
+              "OMPI_MCA_orte_hnp_uri"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert _cluster_detected() is expected
+
+
+def test_bad_auto_value(monkeypatch):
+    monkeypatch.setenv(ENV_AUTO, "yes")
+    with pytest.raises(ValueError, match="expected 'auto' or 'off'"):
+        _cluster_detected()
 
 
 def test_importing_touches_no_device():
@@ -151,3 +177,13 @@ def test_importing_touches_no_device():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_mesh_none_is_refused_with_several_processes(monkeypatch):
+    import jax
+
+    from rlhf_jax.pipelines import common
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="mesh=None runs on one device, but this is a run of 2"):
+        common.make_mesh(None, 8)
