@@ -56,6 +56,8 @@ CASES = {
     "chunked_token_logprobs": lambda a: O.chunked_token_logprobs(
         a["hidden"], a["unembed"], a["targets"], chunk_t=5, chunk_v=7),
     "chunked_entropy": lambda a: O.chunked_entropy(a["hidden"], a["unembed"], chunk_t=5, chunk_v=7),
+    "chunked_logprobs_and_entropy": lambda a: O.chunked_logprobs_and_entropy(
+        a["hidden"], a["unembed"], a["targets"], temperature=0.9, chunk_t=5, chunk_v=7),
     "masked_sum": lambda a: O.masked_sum(a["x"], a["mask"]),
     "masked_count": lambda a: O.masked_count(a["mask"], axis=-1),
     "masked_mean": lambda a: O.masked_mean(a["x"], a["mask"]),
