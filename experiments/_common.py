@@ -111,8 +111,18 @@ def combine_metrics(run_dir: str, stages: Sequence[str]) -> list[dict]:
     return rows
 
 
+def completed(result):
+    """A stage's ``result``, or ``SystemExit`` when a SIGTERM stopped it before its last step:
+    its checkpoint is saved, and the next stage must not start from the partial model (the same
+    command resumes the chain where it stopped)."""
+    if isinstance(result, dict) and result.get("complete") is False:
+        raise SystemExit(f"{result['run_dir']}: stopped at step {result['steps']} by SIGTERM, "
+                         f"checkpoint saved; run the same command again to resume")
+    return result
+
+
 class Timer:
-    """Wall time per named stage."""
+    """Wall time per named stage; each stage's result goes through ``completed``."""
 
     def __init__(self):
         self.times: dict[str, float] = {}
@@ -121,7 +131,7 @@ class Timer:
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.times[name] = time.perf_counter() - t0
-        return out
+        return completed(out)
 
 
 def write_summary(path: str, title: str, sections: Mapping[str, Mapping[str, object]],

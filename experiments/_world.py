@@ -93,7 +93,7 @@ def train_sft(cfg: WorldConfig, run_dir: str, paths: dict, tok: str, *,
               train_data: str | None = None, stage: str = "sft",
               model: ModelSpec | None = None) -> dict:
     arch = common.model_overrides(cfg)
-    return sft.run(sft.SFTConfig(
+    return common.completed(sft.run(sft.SFTConfig(
         train_data=train_data or paths["sft"], tokenizer=tok,
         output_dir=os.path.join(run_dir, stage),
         model=model or ModelSpec(preset="toy-1m", overrides=arch), max_length=48,
@@ -102,11 +102,11 @@ def train_sft(cfg: WorldConfig, run_dir: str, paths: dict, tok: str, *,
         optimizer=OptimizerConfig(
             learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
             total_steps=cfg.sft_steps, weight_decay=0.01),
-        loop=LoopConfig(total_steps=cfg.sft_steps, log_every=10, save_every=cfg.sft_steps)))
+        loop=LoopConfig(total_steps=cfg.sft_steps, log_every=10, save_every=cfg.sft_steps))))
 
 
 def train_rm(cfg: WorldConfig, run_dir: str, paths: dict, tok: str, sft_dir: str) -> dict:
-    return reward_model.run(reward_model.RewardModelConfig(
+    return common.completed(reward_model.run(reward_model.RewardModelConfig(
         train_data=paths["preference"], eval_data=paths["preference_eval"], tokenizer=tok,
         output_dir=os.path.join(run_dir, "reward_model"), model=ModelSpec(path=sft_dir),
         max_prompt_length=MAX_PROMPT, max_length=56, batch_size=cfg.rm_batch_size,
@@ -115,13 +115,13 @@ def train_rm(cfg: WorldConfig, run_dir: str, paths: dict, tok: str, sft_dir: str
             learning_rate=cfg.rm_lr, warmup_steps=min(20, cfg.rm_steps // 10),
             total_steps=cfg.rm_steps, weight_decay=0.01),
         loop=LoopConfig(total_steps=cfg.rm_steps, log_every=10,
-                        eval_every=max(cfg.rm_steps // 3, 1), save_every=cfg.rm_steps)))
+                        eval_every=max(cfg.rm_steps // 3, 1), save_every=cfg.rm_steps))))
 
 
 def train_ppo(cfg: PPOWorldConfig, run_dir: str, paths: dict, tok: str, sft_dir: str,
               rm_dir: str, *, kl_coef: float | None = None, stage: str = "ppo") -> dict:
     steps = cfg.ppo_steps
-    return ppo.run(ppo.PPOConfig(
+    return common.completed(ppo.run(ppo.PPOConfig(
         prompts=paths["prompts"], eval_prompts=paths["eval_prompts"], tokenizer=tok,
         output_dir=os.path.join(run_dir, stage), policy=ModelSpec(path=sft_dir),
         reward_model=ModelSpec(path=rm_dir), value_model=cfg.value_model,
@@ -135,7 +135,7 @@ def train_ppo(cfg: PPOWorldConfig, run_dir: str, paths: dict, tok: str, sft_dir:
                                   total_steps=steps, max_grad_norm=1.0),
         loop=LoopConfig(total_steps=steps, log_every=2, eval_every=cfg.eval_every,
                         save_every=max(steps // 2, 1))),
-        eval_rewards={"gold": world.gold_reward})
+        eval_rewards={"gold": world.gold_reward}))
 
 
 def policy_report(policy_dir: str, ref_dir: str, tok_dir: str, prompts_path: str, *,

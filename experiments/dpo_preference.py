@@ -38,7 +38,7 @@ def get_config() -> Config:
 
 def train_dpo(cfg: Config, run_dir: str, paths: dict, tok: str, sft_dir: str, *,
               beta: float | None = None, stage: str = "dpo") -> dict:
-    return dpo.run(dpo.DPOConfig(
+    return common.completed(dpo.run(dpo.DPOConfig(
         train_data=paths["preference"], eval_data=paths["preference_eval"], tokenizer=tok,
         policy=ModelSpec(path=sft_dir), output_dir=os.path.join(run_dir, stage),
         loss=cfg.loss, beta=cfg.beta if beta is None else beta,
@@ -48,7 +48,7 @@ def train_dpo(cfg: Config, run_dir: str, paths: dict, tok: str, sft_dir: str, *,
             learning_rate=cfg.dpo_lr, warmup_steps=min(10, cfg.dpo_steps // 10),
             total_steps=cfg.dpo_steps),
         loop=LoopConfig(total_steps=cfg.dpo_steps, log_every=10,
-                        eval_every=max(cfg.dpo_steps // 4, 1), save_every=cfg.dpo_steps)))
+                        eval_every=max(cfg.dpo_steps // 4, 1), save_every=cfg.dpo_steps))))
 
 
 def run(cfg: Config) -> dict:

@@ -127,3 +127,19 @@ def test_cli_help_lists_options(module):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "runs_root=" in proc.stdout and "seed=" in proc.stdout
+
+
+def test_a_stage_stopped_by_sigterm_ends_the_chain():
+    """A stage that a SIGTERM stopped before its last step has saved its checkpoint; the next
+    stage must not start from its partial model: the experiment exits, asking for a rerun."""
+    from experiments import _common as common
+
+    done = {"run_dir": "runs/x/sft", "steps": 400, "complete": True}
+    assert common.completed(done) is done
+    with pytest.raises(SystemExit, match=r"runs/x/sft: stopped at step 37 by SIGTERM.*resume"):
+        common.completed({"run_dir": "runs/x/sft", "steps": 37, "complete": False})
+    timer = common.Timer()
+    with pytest.raises(SystemExit, match="stopped at step 2"):
+        timer("sft", lambda: {"run_dir": "d", "steps": 2, "complete": False})
+    assert "sft" in timer.times
+    assert timer("bon", lambda: {"output": "x"}) == {"output": "x"}  # not a training stage

@@ -245,10 +245,12 @@ def load_sft_batch(path: str, cfg, tokenizer: Tokenizer):
     return batch_fn(enc.items, length=cfg.max_length, pad_id=tokenizer.pad_id)
 
 
-def finish_run(run_dir: str, config: ModelConfig, params, tokenizer: Tokenizer, state,
-               **extra) -> dict:
+def finish_run(run_dir: str, config: ModelConfig, params, tokenizer: Tokenizer, state, *,
+               total_steps: int, **extra) -> dict:
     """Export the trained model to ``run_dir/model`` and write ``result.json``: paths, the step,
-    and the last train and eval rows of ``metrics.jsonl`` (read from disk, so a stage that was
+    ``complete`` (False when a SIGTERM stopped the run before ``total_steps``: the exported model
+    is the checkpointed partial one, and a chain of stages should stop, not go on from it), and
+    the last train and eval rows of ``metrics.jsonl`` (read from disk, so a stage that was
     already complete and only resumed reports the same figures)."""
     model_dir = export_model(os.path.join(run_dir, "model"), config, params, tokenizer)
     rows = []
@@ -258,7 +260,9 @@ def finish_run(run_dir: str, config: ModelConfig, params, tokenizer: Tokenizer, 
             rows = [json.loads(line) for line in f if line.strip()]
     last = {split: next((r for r in reversed(rows) if r.get("split") == split), None)
             for split in ("train", "eval")}
-    result = {"run_dir": run_dir, "model_dir": model_dir, "steps": int(state.step)} | last
+    steps = int(state.step)
+    result = {"run_dir": run_dir, "model_dir": model_dir, "steps": steps,
+              "complete": steps >= total_steps} | last
     result |= extra
     if parallel.is_main_process():
         write_json(os.path.join(run_dir, "result.json"), result)
@@ -296,5 +300,6 @@ def fit(cfg, *, run_dir: str, tokenizer: Tokenizer, model, params, loss_fn, data
 
     state, _ = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step, data=data,
                           eval_fn=eval_fn, postfix=postfix, tokens_in=tokens_in)
-    result = finish_run(run_dir, model.config, state.params, tokenizer, state)
+    result = finish_run(run_dir, model.config, state.params, tokenizer, state,
+                        total_steps=cfg.loop.total_steps)
     return result | {"state": state, "model": model}

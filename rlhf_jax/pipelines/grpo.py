@@ -315,5 +315,6 @@ def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
         eval_fn = lambda s: evaluator(s.params)  # noqa: E731
     state, history = train_loop(cfg.loop, run_dir=run_dir, state=state, step_fn=step_fn,
                                 data=data, eval_fn=eval_fn, postfix=("reward", "loss"))
-    result = finish_run(run_dir, policy.config, state.params, tokenizer, state)
+    result = finish_run(run_dir, policy.config, state.params, tokenizer, state,
+                        total_steps=cfg.loop.total_steps)
     return result | {"state": state, "policy": policy}

@@ -316,5 +316,6 @@ def run(cfg: PPOConfig, *, eval_rewards: Mapping[str, RewardFn] | None = None) -
                                 data=data, eval_fn=eval_fn, postfix=("score", "kl"),
                                 tokens_in=None)
     result = finish_run(run_dir, models.policy.config, state.params["policy"], tokenizer, state,
+                        total_steps=cfg.loop.total_steps,
                         kl_coef=float(np.asarray(state.algo.kl_coef)))
     return result | {"state": state, "models": models, "evaluator": evaluator}

@@ -30,6 +30,7 @@ def assert_run_outputs(result: dict, *, steps: int, kind: str) -> list[dict]:
     with open(os.path.join(run_dir, "result.json"), encoding="utf-8") as f:
         saved = json.load(f)
     assert saved["steps"] == steps and result["steps"] == steps
+    assert saved["complete"] is True and result["complete"] is True
     assert saved["model_dir"] == result["model_dir"]
     with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
         assert json.load(f)["kind"] == kind

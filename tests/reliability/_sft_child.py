@@ -26,7 +26,7 @@ def main(spec_path: str) -> None:
     ckpt.close()
     print(f"RESUME {-1 if latest is None else latest}", flush=True)
     result = sft.run(cfg)
-    print(f"DONE {result['steps']}", flush=True)
+    print(f"DONE {result['steps']} complete={result['complete']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -181,9 +181,11 @@ def test_sigterm_saves_current_step_and_exits_cleanly(chain):
     assert m, term.stderr()[-3000:]
     saved = int(m.group(1))
     assert term.resumed_from() < saved < STEPS
-    assert f"DONE {saved}" in term.stdout()  # the stage exported the state it stopped at
+    # the stage exported the state it stopped at, and says it is not complete
+    assert f"DONE {saved} complete=False" in term.stdout()
     assert last.resumed_from() == saved  # the restart continues from exactly that step
-    assert chain["last_rc"] == 0 and f"DONE {STEPS}" in last.stdout(), last.stderr()[-3000:]
+    assert chain["last_rc"] == 0 and f"DONE {STEPS} complete=True" in last.stdout(), \
+        last.stderr()[-3000:]
 
 
 @pytest.mark.slow
