@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +51,14 @@ def assert_all_finite(tree, what: str = "value") -> None:
         assert np.all(np.isfinite(arr)), f"non-finite {what} at {jax.tree_util.keystr(path)}: {arr}"
 
 
+def assert_trees_close(actual, desired, *, rtol: float, atol: float) -> None:
+    """``chex.assert_trees_all_close`` on float64 copies: the same tree structure (dict keys,
+    tuple lengths), and every leaf within ``atol + rtol * |desired|``, compared in float64 as the
+    NumPy references are."""
+    as64 = functools.partial(jax.tree.map, lambda x: np.asarray(x, np.float64))
+    chex.assert_trees_all_close(as64(actual), as64(desired), rtol=rtol, atol=atol)
+
+
 def mask_strategy(b: int, t: int):
     """Hypothesis strategy for 0/1 masks of a fixed shape (fixed shapes avoid recompiles)."""
     return st.lists(st.lists(st.integers(0, 1), min_size=t, max_size=t),
@@ -56,7 +67,8 @@ def mask_strategy(b: int, t: int):
 
 def float_array_strategy(shape, lo: float = -5.0, hi: float = 5.0):
     n = int(np.prod(shape))
-    return st.lists(st.floats(lo, hi, allow_nan=False, width=32, allow_subnormal=False), min_size=n, max_size=n).map(
+    floats = st.floats(lo, hi, allow_nan=False, width=32, allow_subnormal=False)
+    return st.lists(floats, min_size=n, max_size=n).map(
         lambda x: np.asarray(x, np.float32).reshape(shape))
 
 

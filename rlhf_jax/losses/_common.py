@@ -1,7 +1,13 @@
-"""Small helpers shared by the loss modules (private)."""
+"""Small helpers shared by the loss modules (private).
+
+Shapes are checked with chex where the arrays enter a loss (at trace time, free under ``jit``):
+a mask or an advantage of the wrong shape would otherwise broadcast silently (a ``[T]`` mask
+applies one row's mask to every row; with ``B == T`` a ``[B]`` one masks columns).
+"""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -10,10 +16,12 @@ from rlhf_jax.ops.stats import Max, Mean, Min
 
 
 def as_mask(mask, shape) -> jax.Array:
-    """Boolean mask broadcast to ``shape`` (``None`` means all valid)."""
+    """Boolean mask of exactly ``shape`` (``None`` means all valid); other shapes are an error."""
     if mask is None:
         return jnp.ones(shape, bool)
-    return jnp.broadcast_to(jnp.asarray(mask).astype(bool), shape)
+    m = jnp.asarray(mask).astype(bool)
+    chex.assert_shape(m, tuple(shape))
+    return m
 
 
 def mean_stat(x: jax.Array, mask: jax.Array) -> Mean:
@@ -33,14 +41,19 @@ def clean_log_ratio(a: jax.Array, b: jax.Array, mask: jax.Array, clamp: float) -
 
     Clamping *before* ``exp`` keeps ratios of +-inf log-ratios finite in value and gradient.
     """
+    chex.assert_equal_shape([a, b, mask])
     lr = a.astype(jnp.float32) - b.astype(jnp.float32)
     lr = jnp.where(mask & ~jnp.isnan(lr), lr, 0.0)
     return jnp.clip(lr, -clamp, clamp)
 
 
 def per_sequence_broadcast(x: jax.Array, shape) -> jax.Array:
-    """Broadcast per-sequence ``[B]`` values to per-token ``[B, T]`` (``[B, T]`` passes through)."""
+    """Broadcast per-sequence ``[B]`` values to per-token ``[B, T]`` (``[B, T]`` passes through);
+    any other shape is an error."""
     x = jnp.asarray(x, jnp.float32)
     if x.ndim == 1:
+        chex.assert_shape(x, tuple(shape)[:1])
         x = x[:, None]
+    else:
+        chex.assert_shape(x, tuple(shape))
     return jnp.broadcast_to(x, shape)

@@ -12,6 +12,7 @@ Each returns ``(loss_sum, count, metrics)`` with the token mean of the unscaled 
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -31,6 +32,7 @@ def _inputs(student_logits, teacher_logits, mask, temperature):
     """
     if not temperature > 0:  # also rejects NaN
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    chex.assert_equal_shape([student_logits, teacher_logits])
     m = as_mask(mask, jnp.shape(student_logits)[:-1])
     s = jnp.where(m[..., None], student_logits, 0.0)
     t = jnp.where(m[..., None], teacher_logits, 0.0)

@@ -2,18 +2,19 @@
 
 Inputs are *sequence* log-probs ``[B]`` (sums of completion token log-probs) of each pair's
 chosen and rejected responses. With ``h = (log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) -
-log pi_ref(y_r))``:
+log pi_ref(y_r))``, ``lp`` a sequence log-prob, ``n = max(|y|, 1)`` its token count and
+``odds = p / (1 - p)`` with ``p = exp(lp / n)``:
 
-====================  =====================================================  ==========================
-function              per-pair loss                                          reference
-====================  =====================================================  ==========================
-``dpo_loss``          ``-log sigmoid(beta h)``                               Rafailov et al., 2023
-``cdpo_loss``         ``(1-e) dpo(h) + e dpo(-h)`` (label smoothing)         Mitchell, 2023
-``robust_dpo_loss``   ``((1-e) dpo(h) - e dpo(-h)) / (1 - 2e)``              Chowdhury et al., 2024
-``ipo_loss``          ``(h - 1 / (2 beta))^2``                               Azar et al., 2024
-``simpo_loss``        ``-log sigmoid(beta (lp_c/|y_c| - lp_r/|y_r|) - gamma)``  Meng et al., 2024
-``orpo_loss``         ``-lp_c/|y_c| - lam log sigmoid(log odds_c - log odds_r)``  Hong et al., 2024
-====================  =====================================================  ==========================
+===================  =====================================================  ======================
+function             per-pair loss                                          reference
+===================  =====================================================  ======================
+``dpo_loss``         ``-log sigmoid(beta h)``                               Rafailov et al., 2023
+``cdpo_loss``        ``(1-e) dpo(h) + e dpo(-h)`` (label smoothing)         Mitchell, 2023
+``robust_dpo_loss``  ``((1-e) dpo(h) - e dpo(-h)) / (1 - 2e)``              Chowdhury et al., 2024
+``ipo_loss``         ``(h - 1 / (2 beta))^2``                               Azar et al., 2024
+``simpo_loss``       ``-log sigmoid(beta (lp_c/n_c - lp_r/n_r) - gamma)``   Meng et al., 2024
+``orpo_loss``        ``-lp_c/n_c - lam log sigmoid(log(odds_c / odds_r))``  Hong et al., 2024
+===================  =====================================================  ======================
 
 SimPO and ORPO need no reference model. Every function returns ``(loss_sum, n_pairs, metrics)``
 with the implicit rewards (``rewards/chosen``, ``rewards/rejected``), their margin and the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -31,7 +33,7 @@ from jaxtyping import Array, Float
 from rlhf_jax.losses._common import as_mask, mean_stat
 from rlhf_jax.ops.masked import masked_count, masked_sum
 
-Seq = Float[Array, "B"]
+Seq = Float[Array, " B"]
 LossOut = tuple[Float[Array, ""], Float[Array, ""], dict]
 
 
@@ -42,6 +44,7 @@ def _inputs(pair_mask, *xs):
     the loss keeps its gradient exactly 0 instead of ``0 * NaN``.
     """
     xs = tuple(jnp.asarray(x, jnp.float32) for x in xs)
+    chex.assert_equal_shape(xs)  # a [B, 1] input against [B] ones would broadcast to [B, B]
     m = as_mask(pair_mask, xs[0].shape)
     return m, tuple(jnp.where(m, x, 0.0) for x in xs)
 

@@ -14,6 +14,7 @@ ratios, ``s_i = exp(mean_t (logp - old_logp))``, clipped at the sequence level.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -40,7 +41,7 @@ def _kl_term(logp, ref_logp, m, kl_coef, kl_estimator, clamp):
 def grpo_loss(
     logp: Float[Array, "B T"],
     old_logp: Float[Array, "B T"] | None,
-    advantages: Float[Array, "B"] | Float[Array, "B T"],
+    advantages: Float[Array, " B"] | Float[Array, "B T"],
     mask: Mask,
     *,
     ref_logp: Float[Array, "B T"] | None = None,
@@ -87,7 +88,7 @@ def grpo_loss(
 def gspo_loss(
     logp: Float[Array, "B T"],
     old_logp: Float[Array, "B T"] | None,
-    advantages: Float[Array, "B"],
+    advantages: Float[Array, " B"],
     mask: Mask,
     *,
     ref_logp: Float[Array, "B T"] | None = None,
@@ -113,7 +114,9 @@ def gspo_loss(
     seq_lr = masked_sum(clean_log_ratio(logp, old_logp, m, log_ratio_clamp), m, axis=-1)
     seq_lr = jnp.clip(seq_lr / jnp.maximum(n_tok, 1.0), -log_ratio_clamp, log_ratio_clamp)
     s = jnp.exp(seq_lr)  # [B]
-    adv = jnp.where(live, jnp.asarray(advantages, jnp.float32), 0.0)
+    adv = jnp.asarray(advantages, jnp.float32)
+    chex.assert_shape(adv, s.shape)  # one advantage per sequence
+    adv = jnp.where(live, adv, 0.0)
     per_seq = jnp.maximum(-adv * s, -adv * jnp.clip(s, 1.0 - clip_eps_low, 1.0 + clip_eps_high))
     clipped = ((s < 1.0 - clip_eps_low) & (adv < 0)) | ((s > 1.0 + clip_eps_high) & (adv > 0))
     metrics = {

@@ -16,6 +16,7 @@ Each returns ``(loss_sum, count, metrics)``; per-token terms are aggregated with
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -86,7 +87,7 @@ def clipped_surrogate(
 def ppo_policy_loss(
     logp: Float[Array, "B T"],
     old_logp: Float[Array, "B T"],
-    advantages: Float[Array, "B T"] | Float[Array, "B"],
+    advantages: Float[Array, "B T"] | Float[Array, " B"],
     mask: Mask,
     *,
     clip_eps_low: float = 0.2,
@@ -129,11 +130,12 @@ def value_loss(
     aggregation: str = "token_mean",
     max_tokens: int | None = None,
 ) -> LossOut:
-    """Clipped value loss ``0.5 max((V - R)^2, (V_clip - R)^2)`` (unclipped if ``clip_eps`` is None).
+    """Clipped value loss ``0.5 max((V - R)^2, (V_clip - R)^2)``; unclipped if ``clip_eps=None``.
 
     ``explained_variance`` is ``1 - Var[R - V_old] / Var[R]``: how well the rollout-time value
     predictions explain the returns (as in baselines / cleanrl).
     """
+    chex.assert_equal_shape([values, old_values, returns])
     m = as_mask(mask, values.shape)
     v = jnp.where(m, values.astype(jnp.float32), 0.0)
     v_old = jnp.where(m, old_values.astype(jnp.float32), 0.0)

@@ -79,7 +79,8 @@ class ModelConfig:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide "
+                             f"num_heads={self.num_heads}")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError("hidden_size must be divisible by num_heads when head_dim is None")
         if (self.head_dim or self.hidden_size // self.num_heads) % 2:

@@ -55,7 +55,7 @@ def token_batch_logits(model: Model, params, batch: TokenBatch) -> Float[Array, 
 
 
 def sequence_logprob_sums(model: Model, params, batch: TokenBatch) -> tuple[
-        Float[Array, "B"], Float[Array, "B"]]:
+        Float[Array, " B"], Float[Array, " B"]]:
     """``(sum of target log-probs, number of targets)`` per row: DPO's ``log pi(y | x)``."""
     lp = token_batch_logprobs(model, params, batch)
     m = batch.loss_mask.astype(jnp.float32)
@@ -110,7 +110,7 @@ def completion_values(model: Model, params, prompt, prompt_mask, completion, com
 
 
 def sequence_rewards(model: Model, params, prompt, prompt_mask, completion, completion_mask
-                     ) -> Float[Array, "B"]:
+                     ) -> Float[Array, " B"]:
     """Reward-head score of prompt + completion, read at the last real token (the EOS, or the
     last token of a truncated completion)."""
     hidden, mask = _rollout_hidden(model, params, prompt, prompt_mask, completion,
@@ -118,7 +118,7 @@ def sequence_rewards(model: Model, params, prompt, prompt_mask, completion, comp
     return model.rewards(params, hidden, mask)
 
 
-def token_batch_rewards(model: Model, params, batch: TokenBatch) -> Float[Array, "B"]:
+def token_batch_rewards(model: Model, params, batch: TokenBatch) -> Float[Array, " B"]:
     """Reward-head score of each (right-padded) ``TokenBatch`` row at its last real token."""
     hidden = model.apply(params, batch.tokens, attention_mask=batch.attention_mask,
                          positions=batch.positions).hidden

@@ -24,9 +24,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.rope import apply_rope, inverse_frequencies
+from rlhf_jax.ops.logprobs import NEG_INF
 from rlhf_jax.ops.masks import last_token_index
-
-_MASKED = -1e30  # finite: a fully masked (padding) query row gives a uniform, finite softmax
 
 
 class KVCache(NamedTuple):
@@ -100,7 +99,7 @@ class Attention(nnx.Module):
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)  # [B, T, Hkv, G, K]
         scores = jnp.einsum("bthgk,bshk->bhgts", q, k, preferred_element_type=jnp.float32)
         scores = scores.astype(jnp.float32) * (self.head_dim**-0.5)
-        scores = jnp.where(allowed[:, None, None], scores, _MASKED)  # [B, Hkv, G, T, S]
+        scores = jnp.where(allowed[:, None, None], scores, NEG_INF)  # [B, Hkv, G, T, S]
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhgts,bshk->bthgk", probs, v).reshape(b, t, -1)
         return self.o_proj(out), kv
@@ -255,7 +254,7 @@ class Model:
         return (v + head["bias"].astype(jnp.float32))[..., 0]
 
     def rewards(self, params, hidden: Float[Array, "B T D"], mask: Bool[Array, "B T"]
-                ) -> Float[Array, "B"]:
+                ) -> Float[Array, " B"]:
         """Scalar reward read at each row's last real token (``ops.last_token_index``)."""
         last = last_token_index(mask)
         h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]

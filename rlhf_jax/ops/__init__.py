@@ -34,6 +34,7 @@ from rlhf_jax.ops.kl_control import (
     kl_controller_init,
 )
 from rlhf_jax.ops.logprobs import (
+    NEG_INF,
     chunked_entropy,
     chunked_logprobs_and_entropy,
     chunked_token_logprobs,
@@ -58,6 +59,7 @@ __all__ = [
     "chunked_token_logprobs",
     "chunked_entropy",
     "chunked_logprobs_and_entropy",
+    "NEG_INF",
     # masked reductions
     "masked_sum",
     "masked_count",

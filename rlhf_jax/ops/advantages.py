@@ -13,12 +13,29 @@ prompt-major (the ``G`` completions of prompt ``n`` are rows ``n*G .. n*G + G - 
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from rlhf_jax.ops.masked import masked_whiten
 from rlhf_jax.types import Mask
+
+
+def _token_inputs(mask, bootstrap_value, *arrays):
+    """float32 ``[B, T]`` arrays, the boolean mask and the ``[B]`` bootstrap (0 by default).
+
+    Shapes are checked, not broadcast: a ``[T]`` mask or a ``[B, 1]`` bootstrap would otherwise
+    run silently (or fail deep inside the scan).
+    """
+    arrays = [jnp.asarray(a, jnp.float32) for a in arrays]
+    m = jnp.asarray(mask).astype(bool)
+    chex.assert_rank(arrays[0], 2)
+    chex.assert_equal_shape([*arrays, m])
+    b = arrays[0].shape[0]
+    boot = jnp.zeros(b) if bootstrap_value is None else jnp.asarray(bootstrap_value, jnp.float32)
+    chex.assert_shape(boot, (b,))
+    return arrays, m, boot
 
 
 def _reverse_scan(step, init, xs):
@@ -33,16 +50,14 @@ def discounted_returns(
     mask: Mask,
     *,
     gamma: float,
-    bootstrap_value: Float[Array, "B"] | None = None,
+    bootstrap_value: Float[Array, " B"] | None = None,
 ) -> Float[Array, "B T"]:
     """``G_t = r_t + gamma * G_{t+1}`` over valid tokens, ``G`` after the last = bootstrap.
 
     >>> discounted_returns(jnp.array([[0., 0., 1.]]), jnp.ones((1, 3)), gamma=0.5).tolist()
     [[0.25, 0.5, 1.0]]
     """
-    rewards = jnp.asarray(rewards, jnp.float32)
-    m = jnp.asarray(mask).astype(bool)
-    boot = jnp.zeros(rewards.shape[0]) if bootstrap_value is None else bootstrap_value
+    (rewards,), m, boot = _token_inputs(mask, bootstrap_value, rewards)
     rewards = jnp.where(m, rewards, 0.0)
 
     def step(g_next, x):
@@ -50,7 +65,7 @@ def discounted_returns(
         g = r + gamma * g_next
         return jnp.where(valid, g, g_next), jnp.where(valid, g, 0.0)
 
-    return _reverse_scan(step, jnp.asarray(boot, jnp.float32), (rewards, m))
+    return _reverse_scan(step, boot, (rewards, m))
 
 
 def gae_advantages(
@@ -60,7 +75,7 @@ def gae_advantages(
     *,
     gamma: float,
     lam: float,
-    bootstrap_value: Float[Array, "B"] | None = None,
+    bootstrap_value: Float[Array, " B"] | None = None,
 ) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
     """Generalised advantage estimation (Schulman et al., 2016) with ``lax.scan``.
 
@@ -71,12 +86,9 @@ def gae_advantages(
     Returns:
       ``(advantages, returns)``, both ``[B, T]`` float32 and 0 at masked positions.
     """
-    rewards = jnp.asarray(rewards, jnp.float32)
-    values = jnp.asarray(values, jnp.float32)
-    m = jnp.asarray(mask).astype(bool)
+    (rewards, values), m, boot = _token_inputs(mask, bootstrap_value, rewards, values)
     rewards = jnp.where(m, rewards, 0.0)
     values = jnp.where(m, values, 0.0)
-    boot = jnp.zeros(rewards.shape[0]) if bootstrap_value is None else bootstrap_value
 
     def step(carry, x):
         v_next, a_next = carry
@@ -86,7 +98,7 @@ def gae_advantages(
         carry = (jnp.where(valid, v, v_next), jnp.where(valid, a, a_next))
         return carry, jnp.where(valid, a, 0.0)
 
-    init = (jnp.asarray(boot, jnp.float32), jnp.zeros_like(boot, jnp.float32))
+    init = (boot, jnp.zeros_like(boot))
     adv = _reverse_scan(step, init, (rewards, values, m))
     return adv, jnp.where(m, adv + values, 0.0)
 
@@ -114,13 +126,13 @@ def _centred(r: jax.Array) -> jax.Array:
 
 
 def group_advantages(
-    rewards: Float[Array, "B"],
+    rewards: Float[Array, " B"],
     *,
     group_size: int,
     scale_by_std: bool = True,
     std_ddof: int = 1,
     eps: float = 1e-6,
-) -> Float[Array, "B"]:
+) -> Float[Array, " B"]:
     """Group-normalised advantages: GRPO (Shao et al., 2024) and Dr.GRPO (Liu et al., 2025).
 
     ``A_i = (r_i - mean_g(r)) / (std_g(r) + eps)``, or ``A_i = r_i - mean_g(r)`` with
@@ -137,7 +149,7 @@ def group_advantages(
     return centred.reshape(-1)
 
 
-def rloo_advantages(rewards: Float[Array, "B"], *, group_size: int) -> Float[Array, "B"]:
+def rloo_advantages(rewards: Float[Array, " B"], *, group_size: int) -> Float[Array, " B"]:
     """REINFORCE leave-one-out baseline (Kool et al., 2019; Ahmadian et al., 2024).
 
     ``A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j = G / (G - 1) * (r_i - mean_g(r))``.

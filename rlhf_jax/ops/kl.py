@@ -15,6 +15,7 @@ Per-token estimators of ``KL(pi || pi_ref)`` from the log-probs of tokens sample
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -31,6 +32,7 @@ def _plogp_ratio(la: jax.Array, lb: jax.Array) -> jax.Array:
 
 
 def _log_ratio(logp: jax.Array, ref_logp: jax.Array, clamp: float) -> jax.Array:
+    chex.assert_equal_shape([logp, ref_logp])  # a [B, 1] or [T] reference would broadcast
     lr = ref_logp.astype(jnp.float32) - logp.astype(jnp.float32)
     lr = jnp.where(jnp.isnan(lr), 0.0, lr)
     return jnp.clip(lr, -clamp, clamp)
@@ -90,6 +92,7 @@ def kl_from_logits(
     Forward KL of a student ``Q`` to a teacher ``P`` is ``kl_from_logits(teacher, student)``;
     reverse KL swaps the arguments. Both are computed with log-softmax in float32.
     """
+    chex.assert_equal_shape([p_logits, q_logits])
     lp = jax.nn.log_softmax(p_logits.astype(jnp.float32) / temperature, axis=-1)
     lq = jax.nn.log_softmax(q_logits.astype(jnp.float32) / temperature, axis=-1)
     return _plogp_ratio(lp, lq)
@@ -109,6 +112,7 @@ def generalized_jsd_from_logits(
     """
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta must be in (0, 1), got {beta}")
+    chex.assert_equal_shape([p_logits, q_logits])
     lp = jax.nn.log_softmax(p_logits.astype(jnp.float32) / temperature, axis=-1)
     lq = jax.nn.log_softmax(q_logits.astype(jnp.float32) / temperature, axis=-1)
     # log M; where both P and Q are masked to -inf, logaddexp(-inf, -inf) has a NaN gradient,

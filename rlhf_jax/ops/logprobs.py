@@ -16,12 +16,21 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-_NEG = -1e30  # finite "minus infinity" for skipped vocabulary columns (keeps exp and grads finite)
+NEG_INF = -1e30
+"""The "minus infinity" that masks logits and attention scores: finite on purpose.
+
+With ``-inf``, a row masked everywhere (a padding query, an all-skipped vocabulary chunk) gives
+``logsumexp = -inf`` and then ``-inf - (-inf) = nan`` in the softmax, the online log-sum-exp and
+their gradients. ``-1e30`` still gives ``exp(NEG_INF - z) == 0`` in float32 next to any real
+logit, while a fully masked row stays finite (a uniform softmax). Defined once, here, for
+``ops`` (skipped vocabulary columns), the model's attention mask and the sampler's top-k/top-p.
+"""
 
 
 def _scaled(logits: jax.Array, temperature: float) -> jax.Array:
@@ -42,6 +51,7 @@ def token_logprobs(
     >>> round(float(lp[0, 0]), 4)  # log(1/4)
     -1.3863
     """
+    chex.assert_shape(targets, jnp.shape(logits)[:-1])  # take_along_axis would broadcast
     z = _scaled(logits, temperature)  # [B, T, V]
     z_y = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return z_y - jax.nn.logsumexp(z, axis=-1)
@@ -87,7 +97,7 @@ def _chunk_stats(h, w, chunk_v: int, temperature: float):
         m, s, u = carry  # [B, t] each
         start, new = _span(v, chunk_v, i)
         z = _logits(h, jax.lax.dynamic_slice_in_dim(w, start, chunk_v, axis=1), temperature)
-        z = jnp.where(new, z, _NEG)  # [B, t, cv]
+        z = jnp.where(new, z, NEG_INF)  # [B, t, cv]
         m_new = jnp.maximum(m, jnp.max(z, axis=-1))
         scale = jnp.exp(m - m_new)
         e = jnp.exp(z - m_new[..., None])
@@ -95,7 +105,7 @@ def _chunk_stats(h, w, chunk_v: int, temperature: float):
         return m_new, s * scale + e.sum(-1), u * scale + ez.sum(-1)
 
     shape = h.shape[:2]
-    init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape), jnp.zeros(shape))
+    init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape), jnp.zeros(shape))
     return jax.lax.fori_loop(0, -(-v // chunk_v), body, init)
 
 
@@ -179,7 +189,14 @@ def _chunked_bwd(mode, temperature, chunk_t, chunk_v, res, gs):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v) -> tuple[int, int]:
+def _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v,
+                  targets=None) -> tuple[int, int]:
+    """Shapes (``[B, T, D]``, ``[D, V]``, targets ``[B, T]``), temperature and chunk sizes, checked
+    here rather than deep inside the scans."""
+    chex.assert_rank([hidden, unembed], [3, 2])
+    chex.assert_axis_dimension(unembed, 0, hidden.shape[-1])
+    if targets is not None:
+        chex.assert_shape(targets, hidden.shape[:2])
     _scaled(jnp.zeros(()), temperature)  # validates temperature
     if chunk_t < 1 or chunk_v < 1:
         raise ValueError(f"chunk sizes must be >= 1, got chunk_t={chunk_t}, chunk_v={chunk_v}")
@@ -201,7 +218,7 @@ def chunked_token_logprobs(
     log-sum-exp is accumulated online over vocabulary chunks (Milakov & Gimelshein, 2018).
     Chunk sizes need not divide ``T`` or ``V``.
     """
-    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v)
+    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v, targets)
     return _chunked(hidden, unembed, targets.astype(jnp.int32), "logprobs", float(temperature),
                     ct, cv)[0]
 
@@ -238,6 +255,6 @@ def chunked_logprobs_and_entropy(
     ``m``, ``s = sum exp(z - m)``, ``u = sum exp(z - m) z`` give ``log pi(y) = z_y - m - log s``
     and ``H = m + log s - u / s``. The gradient sums both terms' ``dz`` in one pass.
     """
-    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v)
+    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v, targets)
     return _chunked(hidden, unembed, targets.astype(jnp.int32), "both", float(temperature),
                     ct, cv)

@@ -16,7 +16,7 @@ Axis = int | tuple[int, ...] | None
 
 
 def masked_sum(x: Float[Array, "..."], mask: Mask, axis: Axis = None) -> Float[Array, "..."]:
-    """``sum(x * mask)`` over ``axis``; masked entries contribute exactly 0 even if ``x`` is inf/NaN.
+    """``sum(x * mask)`` over ``axis``; masked entries add exactly 0 even if ``x`` is inf/NaN.
 
     Args:
       x: values, any shape.

@@ -35,13 +35,13 @@ def completion_mask_from_eos(
     return mask
 
 
-def is_truncated(tokens: Int[Array, "B T"], *, eos_ids: int | Sequence[int]) -> Bool[Array, "B"]:
+def is_truncated(tokens: Int[Array, "B T"], *, eos_ids: int | Sequence[int]) -> Bool[Array, " B"]:
     """True for rows that never emit an EOS (their last state needs a bootstrap value)."""
     ids = jnp.atleast_1d(jnp.asarray(eos_ids, dtype=tokens.dtype))
     return ~jnp.any(tokens[..., None] == ids, axis=(-1, -2))
 
 
-def last_token_index(mask: Bool[Array, "B T"]) -> Int[Array, "B"]:
+def last_token_index(mask: Bool[Array, "B T"]) -> Int[Array, " B"]:
     """Index of the last valid position per row (where a scalar reward head is read); 0 if none.
 
     Works for left-padded, right-padded and packed-with-holes masks alike.

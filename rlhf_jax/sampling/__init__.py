@@ -10,5 +10,5 @@ from rlhf_jax.sampling.sampler import (
     pad_prompts,
 )
 
-__all__ = ["SampleOutput", "SamplingConfig", "bucket_length", "filter_logits", "inverse_cdf_sample", "make_sampler",
-           "pad_prompts"]
+__all__ = ["SampleOutput", "SamplingConfig", "bucket_length", "filter_logits",
+           "inverse_cdf_sample", "make_sampler", "pad_prompts"]

@@ -25,8 +25,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from rlhf_jax.models.transformer import Model
-
-_NEG = -1e30
+from rlhf_jax.ops.logprobs import NEG_INF
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,16 +71,16 @@ class SampleOutput(NamedTuple):
     """1 up to and including the first EOS."""
     logprobs: Float[Array, "B C"]
     """Sampler log-probs of ``tokens`` (0 where ``mask`` is 0)."""
-    truncated: Bool[Array, "B"]
+    truncated: Bool[Array, " B"]
     """Rows that reached ``max_new_tokens`` without an EOS."""
 
 
 def filter_logits(z: Float[Array, "B V"], *, top_k: int | None, top_p: float | None
                   ) -> Float[Array, "B V"]:
-    """Mask (to -1e30) the tokens outside the top-k set and outside the top-p nucleus."""
+    """Mask (to ``NEG_INF``) the tokens outside the top-k set and outside the top-p nucleus."""
     if top_k is not None and top_k < z.shape[-1]:
         kth = jax.lax.top_k(z, top_k)[0][:, -1:]
-        z = jnp.where(z < kth, _NEG, z)
+        z = jnp.where(z < kth, NEG_INF, z)
     if top_p is not None and top_p < 1.0:
         order = jnp.argsort(-z, axis=-1)
         sorted_z = jnp.take_along_axis(z, order, axis=-1)
@@ -90,11 +89,11 @@ def filter_logits(z: Float[Array, "B V"], *, top_k: int | None, top_p: float | N
         keep_sorted = before < top_p  # always keeps the most likely token
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(z.shape[0])[:, None], order].set(
             keep_sorted)
-        z = jnp.where(keep, z, _NEG)
+        z = jnp.where(keep, z, NEG_INF)
     return z
 
 
-def inverse_cdf_sample(probs: Float[Array, "B V"], u: Float[Array, "B"]) -> Int[Array, "B"]:
+def inverse_cdf_sample(probs: Float[Array, "B V"], u: Float[Array, " B"]) -> Int[Array, " B"]:
     """Exact categorical sampling from one uniform per row: the first ``i`` with ``cdf_i > u``.
 
     ``u`` in ``[0, 1)`` is scaled by the row's total mass, so rounding in the cumulative sum can

@@ -112,14 +112,15 @@ def test_load_jsonl_exact_message_for_wrong_type(tmp_path):
                                                              "rejected": "r"}), "p.jsonl")
     with pytest.raises(DataError) as info:
         load_jsonl(path_pref, fmt="preference")
-    assert str(info.value) == f"{path_pref}:17: field 'chosen': expected a non-empty string, got int"
+    assert str(info.value) == (
+        f"{path_pref}:17: field 'chosen': expected a non-empty string, got int")
     with pytest.raises(DataError, match=r":17: field 'completion': missing"):
         load_jsonl(path, fmt="prompt_completion")
 
 
 def test_skip_invalid_counts_and_keeps_good_rows(tmp_path):
-    data = (_lines(GOOD_PC) + b"{oops\n" + b"\xff\xfe\n" + _lines({"prompt": "x"}, [1],
-                                                                   {"prompt": "b", "completion": "c"}))
+    data = (_lines(GOOD_PC) + b"{oops\n" + b"\xff\xfe\n"
+            + _lines({"prompt": "x"}, [1], {"prompt": "b", "completion": "c"}))
     path = _write_bytes(tmp_path, data)
     ds = load_jsonl(path, fmt="prompt_completion", skip_invalid=True)
     assert ds.rows == (GOOD_PC, {"prompt": "b", "completion": "c"})

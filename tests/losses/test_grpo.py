@@ -25,6 +25,7 @@ from rlhf_jax.ops.stats import compute_metrics, merge_metrics
 from tests.helpers import (
     EXTREME_LOG_RATIOS,
     assert_all_finite,
+    assert_trees_close,
     check_grads,
     float_array_strategy,
     mask_strategy,
@@ -71,9 +72,8 @@ def _check_split(fn, arrays, adv, mask, k, kw, atol=1e-4):
     b = fn(arrays[0][k:], arrays[1][k:], adv[k:], mask[k:], ref_logp=arrays[2][k:], **kw)
     _allclose(a[0] + b[0], whole[0], atol=atol)
     assert float(a[1] + b[1]) == float(whole[1])
-    merged = compute_metrics(merge_metrics(a[2], b[2]))
-    for key, v in compute_metrics(whole[2]).items():
-        _allclose(merged[key], v, atol=atol)
+    assert_trees_close(compute_metrics(merge_metrics(a[2], b[2])), compute_metrics(whole[2]),
+                       rtol=1e-5, atol=atol)
 
 
 # ------------------------------------------------------------------------------ NumPy references
@@ -266,8 +266,7 @@ def test_grpo_loss_property_mask_equals_slice(x, adv, mask, junk):
     ref_out, _ = run(logp, old, adv, mask, ref)
     _allclose(out[0], ref_out[0])
     assert float(out[1]) == float(ref_out[1])
-    for key, v in _m(ref_out[2]).items():
-        _allclose(_m(out[2])[key], v)
+    assert_trees_close(_m(out[2]), _m(ref_out[2]), rtol=1e-5, atol=1e-5)
     assert_all_finite(g, "gradient")
     assert all(np.all(np.asarray(v)[mask == 0] == 0.0) for v in g)
 
@@ -452,8 +451,7 @@ def test_gspo_loss_property_empty_rows_and_masked_junk(x, adv, mask, junk):
     ref_out = gspo_loss(logp[live], old[live], adv[live], mask[live], ref_logp=ref[live],
                         kl_coef=0.1, clip_eps_low=0.2, clip_eps_high=0.3)
     _allclose(out[0], ref_out[0])
-    for key, v in _m(ref_out[2]).items():
-        _allclose(_m(out[2])[key], v)
+    assert_trees_close(_m(out[2]), _m(ref_out[2]), rtol=1e-5, atol=1e-5)
     assert_all_finite(g, "gradient")
     assert all(np.all(np.asarray(v)[mask == 0] == 0.0) for v in g)
 

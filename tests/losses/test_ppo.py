@@ -24,6 +24,7 @@ from rlhf_jax.ops.stats import compute_metrics, merge_metrics
 from tests.helpers import (
     EXTREME_LOG_RATIOS,
     assert_all_finite,
+    assert_trees_close,
     check_grads,
     float_array_strategy,
     mask_strategy,
@@ -74,9 +75,8 @@ def _check_split(fn, arrays, mask, k, kw, atol=1e-4):
     b = fn(*[x[k:] for x in arrays], mask[k:], **kw)
     _allclose(a[0] + b[0], whole[0], atol=atol)
     assert float(a[1] + b[1]) == float(whole[1])
-    merged = compute_metrics(merge_metrics(a[2], b[2]))
-    for key, v in compute_metrics(whole[2]).items():
-        _allclose(merged[key], v, atol=atol)
+    assert_trees_close(compute_metrics(merge_metrics(a[2], b[2])), compute_metrics(whole[2]),
+                       rtol=1e-5, atol=atol)
 
 
 # ------------------------------------------------------------------------------- NumPy references
@@ -234,10 +234,7 @@ def test_clipped_surrogate_numpy(seed, hi, dual):
                                       clip_eps_high=hi, dual_clip=dual)
     want, want_m = np_surrogate(logp, old, adv, mask, 0.2, 0.2 if hi is None else hi, dual)
     _allclose(loss, want)
-    got = _m(metrics)
-    assert got.keys() == want_m.keys()
-    for k, v in want_m.items():
-        _allclose(got[k], v)
+    assert_trees_close(_m(metrics), want_m, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -336,8 +333,7 @@ def test_ppo_policy_loss_property_mask_equals_slice(mode, x, mask, junk):
     ref = _jit_kw(ppo_policy_loss, kw)(*[v[:, :T - 2] for v in (logp, old, adv)], mask)
     _allclose(out[0], ref[0])
     assert float(out[1]) == float(ref[1])
-    for key, v in _m(ref[2]).items():
-        _allclose(_m(out[2])[key], v)
+    assert_trees_close(_m(out[2]), _m(ref[2]), rtol=1e-5, atol=1e-5)
     g = jax.grad(lambda a, b: ppo_policy_loss(a, b, dirty[2], full, **kw)[0],
                  argnums=(0, 1))(dirty[0], dirty[1])
     assert_all_finite(g, "gradient")
@@ -540,8 +536,7 @@ def test_value_loss_property_clipped_dominates_and_mask(x, mask, junk):
     dirty = [np.where(mask > 0, a, junk).astype(np.float32) for a in x]
     out = f(*dirty, mask)
     _allclose(out[0], clipped[0])
-    for key, val in _m(clipped[2]).items():
-        _allclose(_m(out[2])[key], val)
+    assert_trees_close(_m(out[2]), _m(clipped[2]), rtol=1e-5, atol=1e-5)
     g = jax.grad(lambda a: value_loss(a, *dirty[1:], mask, clip_eps=0.2)[0])(dirty[0])
     assert_all_finite(g, "gradient")
 

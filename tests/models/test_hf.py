@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import subprocess
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,12 +42,12 @@ def _logits(config, params, ids, mask) -> np.ndarray:
 
 
 def _assert_trees_equal(a, b) -> None:
-    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    assert [p for p, _ in la] == [p for p, _ in lb]
-    for (path, x), (_, y) in zip(la, lb):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
-        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), jax.tree_util.keystr(path)
+    """Bitwise: same structure, dtypes and shapes, and the same bytes in every leaf (so -0.0 is
+    not 0.0 and NaN payloads count), which ``chex.assert_trees_all_equal`` would not check."""
+    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+    chex.assert_trees_all_equal_comparator(
+        lambda x, y: np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8)),
+        lambda x, y: "leaves differ bitwise", a, b)
 
 
 # ---------------------------------------------------------------- parity with transformers

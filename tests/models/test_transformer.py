@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,10 +105,10 @@ def test_heads_shapes_and_reward_read_at_last_real_token(toy):
     tok = _tokens(2, 6)
     mask = jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
     h = _apply(model)(params, tok, attention_mask=mask).hidden
-    assert model.logits(params, h).shape == (2, 6, 97)
-    assert model.logits(params, h).dtype == jnp.float32
-    assert model.values(params, h).shape == (2, 6)
+    logits, values = model.logits(params, h), model.values(params, h)
     r = model.rewards(params, h, mask)
+    chex.assert_shape([logits, values, r], [(2, 6, 97), (2, 6), (2,)])
+    assert logits.dtype == jnp.float32
     # changing the padding after the last real token leaves the reward unchanged
     tok2 = tok.at[0, 4:].set(3)
     h2 = _apply(model)(params, tok2, attention_mask=mask).hidden
@@ -142,7 +143,7 @@ def test_remat_gives_the_same_gradient(toy):
             return jnp.mean(model.logits(p, model.apply(p, tok).hidden) ** 2)
 
         grads.append(jax.grad(loss)(params))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
+    chex.assert_trees_all_close(*grads, rtol=1e-5, atol=1e-7)
 
 
 def test_untied_lm_head_and_tied_embedding(toy):

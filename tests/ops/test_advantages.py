@@ -159,7 +159,8 @@ def test_discounted_returns_property_masked_values_ignored(mask, r, junk):
     assert np.all(np.asarray(a)[mask == 0] == 0.0)
 
 
-@given(r=float_array_strategy((1, T)), length=st.integers(1, T), boot=st.floats(-3, 3, allow_subnormal=False))
+@given(r=float_array_strategy((1, T)), length=st.integers(1, T),
+       boot=st.floats(-3, 3, allow_subnormal=False))
 def test_discounted_returns_property_mask_equals_slice(r, length, boot):
     mask = (np.arange(T) < length).astype(np.float32)[None]
     bv = jnp.array([boot], jnp.float32)
@@ -522,7 +523,8 @@ def test_reinforce_pp_advantages_property_whitened(mask, r, junk):
         _close(valid.std(ddof=1), 1.0, rtol=1e-3)
 
 
-@given(mask=mask_strategy(B, T), r=float_array_strategy((B, T)), c=st.floats(0.1, 10.0, allow_subnormal=False))
+@given(mask=mask_strategy(B, T), r=float_array_strategy((B, T)),
+       c=st.floats(0.1, 10.0, allow_subnormal=False))
 def test_reinforce_pp_advantages_property_scale_invariant(mask, r, c):
     a = _rpp(r, mask, gamma=0.9)
     b = _rpp(r * np.float32(c), mask, gamma=0.9)

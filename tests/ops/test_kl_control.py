@@ -98,8 +98,9 @@ def test_fixed_kl_update_numpy():
         assert float(s.kl_coef) == float(np.float32(0.2))
 
 
-@given(kls=st.lists(st.one_of(st.floats(-1e6, 1e6, allow_subnormal=False), st.just(NAN), st.just(INF)), min_size=1,
-                    max_size=8), coef=st.floats(0.0, 10.0, allow_subnormal=False))
+@given(kls=st.lists(st.one_of(st.floats(-1e6, 1e6, allow_subnormal=False), st.just(NAN),
+                              st.just(INF)), min_size=1, max_size=8),
+       coef=st.floats(0.0, 10.0, allow_subnormal=False))
 def test_fixed_kl_update_property_constant_under_scan(kls, coef):
     kls = jnp.asarray(kls + [0.0] * (8 - len(kls)), jnp.float32)  # fixed length: one compile
     _, coefs = _scan_fixed(kl_controller_init(coef), kls)
@@ -153,8 +154,9 @@ def test_adaptive_kl_update_numpy():
                                rtol=1e-5)
 
 
-@given(coef=st.floats(1e-4, 10.0, allow_subnormal=False), kl=st.floats(0.0, 100.0, allow_subnormal=False), target=st.floats(0.1, 20.0, allow_subnormal=False),
-       n_steps=st.integers(1, 512))
+@given(coef=st.floats(1e-4, 10.0, allow_subnormal=False),
+       kl=st.floats(0.0, 100.0, allow_subnormal=False),
+       target=st.floats(0.1, 20.0, allow_subnormal=False), n_steps=st.integers(1, 512))
 def test_adaptive_kl_update_property_moves_towards_target(coef, kl, target, n_steps):
     new = _upd(coef, kl, n_steps=n_steps, target=target, horizon=10000.0)
     old = float(np.float32(coef))
@@ -173,14 +175,16 @@ def test_adaptive_kl_update_property_moves_towards_target(coef, kl, target, n_st
     assert new > 0.0
 
 
-@given(coef=st.floats(1e-4, 10.0, allow_subnormal=False), target=st.floats(0.1, 20.0, allow_subnormal=False))
+@given(coef=st.floats(1e-4, 10.0, allow_subnormal=False),
+       target=st.floats(0.1, 20.0, allow_subnormal=False))
 def test_adaptive_kl_update_property_nan_and_at_target_unchanged(coef, target):
     old = float(np.float32(coef))
     assert _upd(coef, NAN, target=target) == old
     assert _upd(coef, float(np.float32(target)), target=float(np.float32(target))) == old
 
 
-@given(kls=st.lists(st.one_of(st.floats(0.0, 50.0, allow_subnormal=False), st.just(NAN)), min_size=8, max_size=8))
+@given(kls=st.lists(st.one_of(st.floats(0.0, 50.0, allow_subnormal=False), st.just(NAN)),
+                    min_size=8, max_size=8))
 def test_adaptive_kl_update_property_jit_and_scan_equal_loop(kls):
     kls32 = jnp.asarray(kls, jnp.float32)
     _, scanned = _scan_adaptive(kl_controller_init(0.1), kls32)

@@ -189,7 +189,8 @@ def test_masked_var_numpy_tuple_axis_3d():
     _close(out, ref)
 
 
-@given(float_array_strategy((B, T)), mask_strategy(B, T), st.floats(-50, 50, allow_subnormal=False), st.floats(0.1, 4, allow_subnormal=False))
+@given(float_array_strategy((B, T)), mask_strategy(B, T), st.floats(-50, 50, allow_subnormal=False),
+       st.floats(0.1, 4, allow_subnormal=False))
 def test_masked_var_property_slice_shift_scale(x, m, c, a):
     v = masked_var(_garbage(x, m, INF), m)
     _close(v, _np_var(list(x[m > 0].astype(np.float64))), rtol=1e-4, atol=1e-4)

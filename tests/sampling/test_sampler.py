@@ -3,6 +3,7 @@ per-row RNG, EOS handling, n samples per prompt, filtering and shape bucketing."
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,7 +118,7 @@ def test_n_samples_per_prompt_layout(toy):
     cfg = SamplingConfig(max_new_tokens=5, eos_ids=(0,), pad_id=0, n=3)
     tokens, mask = pad_prompts(PROMPTS[:2], pad_id=0)
     out = make_sampler(model, cfg)(params, tokens, mask, jax.random.PRNGKey(1))
-    assert out.tokens.shape == (6, 5)
+    chex.assert_shape([out.tokens, out.mask, out.logprobs], (6, 5))
     np.testing.assert_array_equal(np.asarray(out.prompt_tokens), np.repeat(tokens, 3, axis=0))
     assert len({tuple(r) for r in np.asarray(out.tokens[:3])}) > 1  # samples differ
 
