@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from rlhf_jax.fileio import atomic_write
+
 PROMPT_FORMAT = "What is {a}{op}{b}? Answer:"
 WRONG_OFFSETS = (-3, -2, -1, 1, 2, 3)
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -79,9 +81,8 @@ def _avoiding(rng: np.random.Generator, n: int, held_out: set, max_operand: int,
 
 
 def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n"
+                               for row in rows))
 
 
 def write_datasets(out_dir: str, *, seed: int = 0, n_sft: int = 2000, n_train: int = 2000,

@@ -57,6 +57,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from rlhf_jax.fileio import atomic_write
+
 TOPICS: dict[str, tuple[str, ...]] = {
     "the sea": ("waves", "salt", "tide", "shore", "gulls", "blue"),
     "a forest": ("trees", "moss", "leaves", "ferns", "owls", "shade"),
@@ -270,9 +272,8 @@ def make_pairs(rng: np.random.Generator, n: int, *, beta: float = ANNOTATOR_BETA
 
 
 def _write_jsonl(path: str, rows: Sequence[dict]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n"
+                               for row in rows))
 
 
 def write_datasets(out_dir: str, *, seed: int = 0, n_sft: int = 2000, n_pref: int = 3000,

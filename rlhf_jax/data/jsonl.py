@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from rlhf_jax.fileio import atomic_open
 
 _MAX_REASONS = 5
 ROLES = ("system", "user", "assistant")
@@ -239,26 +240,15 @@ def load_jsonl(path: str | os.PathLike[str], *, fmt: str, skip_invalid: bool = F
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> None:
     """Write one JSON object per line (UTF-8, non-ASCII kept) atomically.
 
-    The rows go to a temporary file in the same directory, which then replaces ``path``: a
-    crash leaves either the old file or the new one, never half of one. NaN/Infinity are
+    The rows go to a fresh temporary file in the same directory, which then replaces ``path``
+    (``fileio.atomic_open``): a crash leaves either the old file or the new one, never half of
+    one. An existing file keeps its permissions (a new one gets 0644). NaN/Infinity are
     refused (they are not JSON).
     """
     name = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(name))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(name)}.",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for i, row in enumerate(rows):
-                if not isinstance(row, Mapping):
-                    raise TypeError(f"rows[{i}] must be a dict, got {_type_name(row)}")
-                f.write(json.dumps(dict(row), ensure_ascii=False, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); keep an existing file's mode, else 0644.
-        os.chmod(tmp, os.stat(name).st_mode & 0o777 if os.path.exists(name) else 0o644)
-        os.replace(tmp, name)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    mode = os.stat(name).st_mode & 0o777 if os.path.exists(name) else 0o644
+    with atomic_open(name, mode=mode) as f:
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise TypeError(f"rows[{i}] must be a dict, got {_type_name(row)}")
+            f.write(json.dumps(dict(row), ensure_ascii=False, allow_nan=False) + "\n")

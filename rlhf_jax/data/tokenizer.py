@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -37,6 +36,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from rlhf_jax.data import _chat_template as chat
 from rlhf_jax.data._chat_template import CHATML_TEMPLATE
+from rlhf_jax.fileio import atomic_write
 
 DEFAULT_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
 _TOKENIZER_FILE = "tokenizer.json"
@@ -78,19 +78,9 @@ def _read_json(directory: pathlib.Path, name: str) -> dict[str, Any]:
 
 
 def _write_text(path: pathlib.Path, text: str) -> None:
-    # Write-then-rename: a crash never leaves a half-written file, and a symlink at ``path`` is
-    # replaced rather than written through.
-    # mkstemp: a fresh file, so a pre-planted link at a fixed temporary name is never followed.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # Write-then-rename through a fresh temporary file: a crash never leaves a half-written
+    # file, and a symlink at ``path`` is replaced rather than written through.
+    atomic_write(path, text)
 
 
 def _token_str(value: Any) -> str | None:

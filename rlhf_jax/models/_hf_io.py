@@ -3,8 +3,9 @@
 Every file name that comes from a checkpoint (shard names in ``model.safetensors.index.json``)
 is checked before anything is opened: relative, no ``..``, no drive or backslash, ending in
 ``.safetensors``, and its real path (symlinks resolved) inside the checkpoint directory. Output
-files are written to a temporary name in the target directory and renamed into place, so a
-crash leaves no half-written file and a pre-existing symlink is replaced, never written through.
+files are written to a fresh temporary name in the target directory and renamed into place
+(``rlhf_jax.fileio``), so a crash leaves no half-written file and a pre-existing symlink is
+replaced, never written through.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from rlhf_jax.fileio import atomic_path, atomic_write_json
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -119,28 +121,13 @@ def _target(root: pathlib.Path, name: str) -> pathlib.Path:
     return path
 
 
-def _replace_into(root: pathlib.Path, name: str, write) -> None:
-    path = _target(root, name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=root)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # replaces a symlink itself, never the file it points to
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_json(root: pathlib.Path, name: str, data: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-    _replace_into(root, name, write)
+    atomic_write_json(_target(root, name), data, sort_keys=True)
 
 
 def write_tensors(root: pathlib.Path, name: str, tensors: dict[str, np.ndarray]) -> None:
-    _replace_into(root, name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    with atomic_path(_target(root, name)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
 
 
 def write_weights(root: pathlib.Path, tensors: dict[str, np.ndarray],

@@ -6,25 +6,35 @@ needs is in the checkpoint: the ``TrainState`` (params, optimizer and algorithm 
 RNG key) and, as JSON metadata, the data iterator's position. Restarting with the same
 ``run_dir`` continues from the latest complete checkpoint and reproduces the uninterrupted run.
 
+The host never waits for the device between steps: the count of consecutive non-finite steps
+(``state.skipped``) is watched on device and read only where the loop syncs anyway (a log row,
+an evaluation, a save, the end), so a run that hits ``max_consecutive_skips`` stops there with
+``NonFiniteError`` naming the step where the limit was reached, and saves nothing after it.
 SIGTERM (a scheduler's pre-emption notice) saves the current step, waits for the write and stops
-cleanly; too many consecutive non-finite gradients stop the run with a message saying so.
+cleanly. Where metrics go (progress bar, console, TensorBoard, trackers) is ``LoggingConfig``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Mapping, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.fileio import atomic_write
 from rlhf_jax.parallel import is_main_process
 from rlhf_jax.train.checkpoint import Checkpointer
-from rlhf_jax.train.sinks import JsonlSink, TensorBoardSink
+from rlhf_jax.train.sinks import JsonlSink, LoggingConfig, open_trackers
 
 
 class BatchSource(Protocol):
@@ -49,12 +59,6 @@ class LoopConfig:
     """Checkpoints kept on disk."""
     max_consecutive_skips: int = 10
     """Stop after this many consecutive steps whose gradient was non-finite."""
-    progress: bool = True
-    """Show a progress bar (stderr)."""
-    tensorboard: bool = True
-    """Also write TensorBoard event files."""
-    console: bool = True
-    """Print every evaluation's metrics to stderr (training metrics are on the progress bar)."""
     eval_at_start: bool = True
     """Evaluate the initial state too (step 0, fresh runs only): the baseline of every curve."""
 
@@ -72,8 +76,6 @@ class NonFiniteError(RuntimeError):
 
 
 def _batch_hash(batch) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for leaf in jax.tree.leaves(batch):
         a = np.asarray(leaf)
@@ -86,7 +88,7 @@ class _Ledger:
     """``ledger.tsv``: one ``step<TAB>batch hash`` line per step; truncated on resume.
 
     Line-buffered, so a process killed at any moment (SIGKILL, OOM) has every line of the
-    steps it ran on disk; the truncation writes a new file and renames it over the old one.
+    steps it ran on disk; the truncation is an atomic rewrite (``fileio.atomic_write``).
     """
 
     def __init__(self, path: str, resume_step: int):
@@ -94,10 +96,7 @@ class _Ledger:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 lines = [ln for ln in f if ln.strip() and int(ln.split("\t")[0]) < resume_step]
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
+        atomic_write(path, "".join(lines))
         self._f = open(path, "a", encoding="utf-8", buffering=1)
 
     def add(self, step: int, digest: str) -> None:
@@ -111,14 +110,35 @@ def _truncate_metrics(path: str, resume_step: int) -> None:
     """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
     if not os.path.exists(path):
         return
-    import json
-
     with open(path, encoding="utf-8") as f:
         keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    atomic_write(path, "".join(keep))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _first_at_limit(first, skipped, step, limit: int):
+    """``step`` if this is the first step whose consecutive-skip count reached ``limit``."""
+    return jnp.where((first == 0) & (skipped >= limit), step, first).astype(jnp.int32)
+
+
+class _SkipWatch:
+    """The first step at which ``state.skipped`` reached the limit, kept on device: one async
+    dispatch per step, read (one scalar, a host sync) only by ``check``."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._first = np.zeros((), np.int32)  # numpy: valid under any mesh, multi-host too
+
+    def note(self, state) -> None:
+        self._first = _first_at_limit(self._first, state.skipped, state.step, self.limit)
+
+    def check(self, last_good: int | None) -> None:
+        first = int(jax.device_get(self._first))
+        if first:
+            raise NonFiniteError(
+                f"{self.limit} consecutive steps had non-finite gradients (last at step "
+                f"{first}); params were left unchanged. Lower the learning rate or check the "
+                f"data. Last good checkpoint: {last_good}")
 
 
 def _mean_rows(rows: list[Mapping[str, Any]]) -> dict[str, float]:
@@ -126,13 +146,106 @@ def _mean_rows(rows: list[Mapping[str, Any]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in host])) for k in host[0]}
 
 
-def _progress(cfg: LoopConfig, start: int):
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
+class _Run:
+    """One call of ``train_loop``: what it holds open (checkpointer, ledger, sinks, progress
+    bar, SIGTERM handler) and its periodic actions (log, evaluate, save, the stop checks)."""
 
-    return tqdm(total=cfg.total_steps, initial=start, desc="train", file=sys.stderr,
-                dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
+    def __init__(self, cfg: LoopConfig, logging: LoggingConfig, run_dir: str, data: BatchSource,
+                 tokens_in: Callable[[Any], int] | None, postfix: tuple[str, ...]):
+        os.makedirs(run_dir, exist_ok=True)
+        self.cfg, self.logging, self.run_dir, self.data = cfg, logging, run_dir, data
+        self.tokens_in, self.postfix = tokens_in, postfix
+        self.ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"),
+                                 max_to_keep=cfg.keep_checkpoints)
+        self.main = is_main_process()  # the other processes of a multi-host run never write
+        self.skips = _SkipWatch(cfg.max_consecutive_skips)
+        self.history: list[dict] = []
+        self.pending, self.tokens, self.t0 = [], 0, time.perf_counter()
+        self.ledger = self.jsonl = self.bar = self._previous = None
+        self.trackers: list = []
+        self.sigterm = False
+
+    def open(self, state, hparams: Mapping[str, Any] | None):
+        """Restore the latest checkpoint (if any) into ``state`` and ``data``, truncate what
+        was logged after it, open the sinks, catch SIGTERM; returns the state to train."""
+        restored = self.ckpt.restore(None, state)
+        if restored is not None:
+            state, meta = restored
+            self.data.restore(meta["data"])
+        self.start = int(jax.device_get(state.step))
+        if self.main:
+            join = functools.partial(os.path.join, self.run_dir)
+            self.trackers = open_trackers(self.logging, self.run_dir, hparams=hparams,
+                                          start=self.start)
+            self.ledger = _Ledger(join("ledger.tsv"), self.start)
+            _truncate_metrics(join("metrics.jsonl"), self.start)
+            self.jsonl = JsonlSink(join("metrics.jsonl"))
+            self.bar = _progress(self.logging, self.cfg, self.start)
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "sigterm", True))
+        return state
+
+    def log(self, step: int, row: dict, split: str) -> None:
+        self.history.append({"step": step, "split": split} | row)
+        if self.jsonl is not None:
+            self.jsonl.write(step, {"split": split} | row)
+        tagged = {f"{split}/{k}": v for k, v in row.items()}
+        for sink in self.trackers:
+            sink.write(step, tagged)
+        if self.main and self.logging.console and split == "eval":  # train rows: on the bar
+            _console(self.bar, f"step {step} eval: " + ", ".join(
+                f"{k}={float(v):.4g}" for k, v in sorted(row.items())))
+
+    def log_train(self, step: int) -> None:
+        row = _mean_rows(self.pending)
+        if self.tokens_in:
+            row["tokens_per_s"] = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.log(step, row, "train")
+        self.pending, self.tokens, self.t0 = [], 0, time.perf_counter()
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in self.postfix + ("tokens_per_s",)
+                                  if k in row}, refresh=False)
+
+    def save(self, state, step: int) -> None:
+        self.skips.check(self.ckpt.latest_step())  # never save past the skip limit
+        self.ckpt.save(step, state, {"data": self.data.state(), "step": step}, force=True)
+
+    def after_step(self, state, done: int, eval_fn) -> bool:
+        """The periodic actions after step ``done``; False when SIGTERM stops the run."""
+        cfg, last = self.cfg, done == self.cfg.total_steps
+        log_now = done % cfg.log_every == 0 or last
+        eval_now = eval_fn is not None and (last or bool(cfg.eval_every)
+                                            and done % cfg.eval_every == 0)
+        if log_now or eval_now:  # the host syncs here anyway: read the skip watch first
+            self.skips.check(self.ckpt.latest_step())
+        if log_now:
+            self.log_train(done)
+        if eval_now:
+            self.log(done, dict(eval_fn(state)), "eval")
+        if self.bar is not None:
+            self.bar.update(1)
+        stopping = _any_process(self.sigterm)
+        if (cfg.save_every and done % cfg.save_every == 0) or stopping:
+            self.save(state, done)
+        if stopping and self.main:
+            print(f"SIGTERM: saved step {done}; stopping", file=sys.stderr)
+        return not stopping
+
+    def close(self, ok: bool) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        for closer in (self.ledger, self.jsonl):
+            if closer is not None:
+                closer.close()
+        for sink in self.trackers:
+            sink.close(ok=ok)
+        self.ckpt.close()
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+_LOGGING = LoggingConfig()  # the default: progress bar, console, TensorBoard
 
 
 def train_loop(
@@ -145,97 +258,49 @@ def train_loop(
     eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
     tokens_in: Callable[[Any], int] | None = None,
     postfix: tuple[str, ...] = ("loss",),
+    logging: LoggingConfig = _LOGGING,
+    hparams: dict | None = None,
 ) -> tuple[Any, list[dict]]:
     """Train ``state`` with ``step_fn`` on ``data`` until ``cfg.total_steps``; resumable.
 
-    Returns the final state and the logged rows (train and eval) of this invocation.
+    ``logging`` picks the sinks besides ``metrics.jsonl``; ``hparams`` (the run's config as
+    JSON-able data) goes to the experiment trackers it enables. Returns the final state and
+    the logged rows (train and eval) of this invocation.
     """
-    os.makedirs(run_dir, exist_ok=True)
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=cfg.keep_checkpoints)
-    restored = ckpt.restore(None, state)
-    if restored is not None:
-        state, meta = restored
-        data.restore(meta["data"])
-    start = int(state.step)
-    main = is_main_process()  # the other processes of a multi-host run compute, never write
-    ledger = _Ledger(os.path.join(run_dir, "ledger.tsv"), start) if main else None
-    if main:
-        _truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), start)
-    jsonl = JsonlSink(os.path.join(run_dir, "metrics.jsonl")) if main else None
-    tb = (TensorBoardSink(os.path.join(run_dir, "tensorboard"))
-          if cfg.tensorboard and main else None)
-    stop = {"sigterm": False}
-    previous = signal.getsignal(signal.SIGTERM) if _main_thread() else None
-    if _main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
-    bar = _progress(cfg, start) if main else None
-    history, pending, tokens, t0 = [], [], 0, time.perf_counter()
-
-    def log(step: int, row: dict, split: str) -> None:
-        history.append({"step": step, "split": split} | row)
-        if jsonl is not None:
-            jsonl.write(step, {"split": split} | row)
-        if tb is not None:
-            tb.write(step, {f"{split}/{k}": v for k, v in row.items()})
-        if main and cfg.console and split == "eval":  # the console sink: train figures on the bar
-            _console(bar, f"step {step} eval: " + ", ".join(
-                f"{k}={float(v):.4g}" for k, v in sorted(row.items())))
-
-    def save(step: int) -> None:
-        ckpt.save(step, state, {"data": data.state(), "step": step}, force=True)
-
+    run = _Run(cfg, logging, run_dir, data, tokens_in, tuple(postfix))
+    ok = False
     try:
-        if eval_fn is not None and cfg.eval_at_start and start == 0:
-            log(0, dict(eval_fn(state)), "eval")
-        for step in range(start, cfg.total_steps):
+        state = run.open(state, hparams)
+        if eval_fn is not None and cfg.eval_at_start and run.start == 0:
+            run.log(0, dict(eval_fn(state)), "eval")
+        for step in range(run.start, cfg.total_steps):
             batch = data.next()
-            if ledger is not None:
-                ledger.add(step, _batch_hash(batch))
-            tokens += tokens_in(batch) if tokens_in else 0
+            if run.ledger is not None:
+                run.ledger.add(step, _batch_hash(batch))
+            run.tokens += tokens_in(batch) if tokens_in else 0
             state, metrics = step_fn(state, batch)
-            pending.append(metrics)
-            if int(state.skipped) >= cfg.max_consecutive_skips:
-                raise NonFiniteError(
-                    f"{int(state.skipped)} consecutive steps had non-finite gradients (last at "
-                    f"step {step + 1}); params were left unchanged. Lower the learning rate or "
-                    f"check the data. Last good checkpoint: {ckpt.latest_step()}")
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.total_steps:
-                row = _mean_rows(pending)
-                elapsed = time.perf_counter() - t0
-                if tokens_in:
-                    row["tokens_per_s"] = tokens / max(elapsed, 1e-9)
-                log(done, row, "train")
-                pending, tokens, t0 = [], 0, time.perf_counter()
-                if bar is not None:
-                    bar.set_postfix({k: f"{row[k]:.4g}" for k in postfix + ("tokens_per_s",)
-                                     if k in row}, refresh=False)
-            if eval_fn is not None and ((cfg.eval_every and done % cfg.eval_every == 0)
-                                        or done == cfg.total_steps):
-                log(done, dict(eval_fn(state)), "eval")
-            if bar is not None:
-                bar.update(1)
-            stopping = _any_process(stop["sigterm"])
-            if (cfg.save_every and done % cfg.save_every == 0) or stopping:
-                save(done)
-            if stopping:
-                if main:
-                    print(f"SIGTERM: saved step {done}; stopping", file=sys.stderr)
+            run.pending.append(metrics)
+            run.skips.note(state)  # async: no host sync per step
+            if not run.after_step(state, step + 1, eval_fn):
                 break
         else:
-            if ckpt.latest_step() != cfg.total_steps:
-                save(cfg.total_steps)
-        ckpt.wait()
+            run.skips.check(run.ckpt.latest_step())
+            if run.ckpt.latest_step() != cfg.total_steps:
+                run.save(state, cfg.total_steps)
+        run.ckpt.wait()
+        ok = True
     finally:
-        if bar is not None:
-            bar.close()
-        for closer in (ledger, jsonl, tb):
-            if closer is not None:
-                closer.close()
-        ckpt.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return state, history
+        run.close(ok)
+    return state, run.history
+
+
+def _progress(logging: LoggingConfig, cfg: LoopConfig, start: int):
+    if not logging.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.total_steps, initial=start, desc="train", file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0, smoothing=0.1)
 
 
 def _any_process(flag: bool) -> bool:
@@ -253,9 +318,3 @@ def _console(bar, line: str) -> None:
         bar.write(line, file=sys.stderr)
     else:
         print(line, file=sys.stderr)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

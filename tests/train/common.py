@@ -1,9 +1,7 @@
 """Shared pieces of the train/ tests: a tiny regression model, batches, a resumable data
-source, and a reader of TFRecord/TensorBoard event files written from the format by hand."""
+source, and TensorBoard event files read back with TensorBoard's own reader."""
 
 from __future__ import annotations
-
-import struct
 
 import jax
 import jax.numpy as jnp
@@ -92,88 +90,12 @@ def assert_trees_bitwise(a, b) -> None:
         np.testing.assert_array_equal(x, y)
 
 
-# --- TFRecord / Event reading, written from the format (independent of rlhf_jax.train.sinks) ---
+def read_scalars(path: str) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of the TensorBoard event files at ``path`` (a file or a
+    directory), read by TensorBoard's own reader, which also applies the purges a resumed
+    run's writer asks for."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-def _crc32c_bitwise(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked(data: bytes) -> int:
-    c = _crc32c_bitwise(data)
-    return ((((c >> 15) | (c << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def read_records(path: str) -> list[bytes]:
-    """Records of a TFRecord file; asserts both masked CRCs of every record."""
-    out = []
-    with open(path, "rb") as f:
-        buf = f.read()
-    i = 0
-    while i < len(buf):
-        header = buf[i:i + 8]
-        (n,) = struct.unpack("<Q", header)
-        (hcrc,) = struct.unpack("<I", buf[i + 8:i + 12])
-        assert hcrc == _masked(header), f"bad length crc at byte {i}"
-        data = buf[i + 12:i + 12 + n]
-        (dcrc,) = struct.unpack("<I", buf[i + 12 + n:i + 16 + n])
-        assert dcrc == _masked(data), f"bad data crc at byte {i}"
-        out.append(data)
-        i += 16 + n
-    assert i == len(buf), "trailing bytes"
-    return out
-
-
-def _read_varint(b: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        byte = b[i]
-        value |= (byte & 0x7F) << shift
-        i += 1
-        shift += 7
-        if not byte & 0x80:
-            return value, i
-
-
-def parse_fields(b: bytes) -> list[tuple[int, object]]:
-    """``(field number, value)`` of a protobuf message: varint -> int, fixed64 -> 8 bytes,
-    length-delimited -> bytes, fixed32 -> 4 bytes."""
-    i, out = 0, []
-    while i < len(b):
-        key, i = _read_varint(b, i)
-        num, wire = key >> 3, key & 7
-        if wire == 0:
-            v, i = _read_varint(b, i)
-        elif wire == 1:
-            v, i = b[i:i + 8], i + 8
-        elif wire == 2:
-            n, i = _read_varint(b, i)
-            v, i = b[i:i + n], i + n
-        elif wire == 5:
-            v, i = b[i:i + 4], i + 4
-        else:
-            raise AssertionError(f"unexpected wire type {wire}")
-        out.append((num, v))
-    return out
-
-
-def decode_event(record: bytes) -> dict:
-    """``{"wall_time", "step", "file_version", "scalars": {tag: float}}`` of an Event."""
-    ev = {"step": 0, "scalars": {}, "file_version": None, "wall_time": None}
-    for num, v in parse_fields(record):
-        if num == 1:
-            ev["wall_time"] = struct.unpack("<d", v)[0]
-        elif num == 2:
-            ev["step"] = v
-        elif num == 3:
-            ev["file_version"] = v.decode()
-        elif num == 5:  # Summary
-            for snum, value in parse_fields(v):
-                assert snum == 1  # Summary.value
-                fields = dict(parse_fields(value))
-                ev["scalars"][fields[1].decode()] = struct.unpack("<f", fields[2])[0]
-    return ev
+    acc = EventAccumulator(path, size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

@@ -1,19 +1,24 @@
 """Tests of rlhf_jax/train/loop.py: exact resume (after a clean stop, a crash and SIGTERM) with
-an equal batch ledger, metric rows and event files, eval rows, and the non-finite stop."""
+an equal batch ledger, metric rows and event files, eval rows, the non-finite stop (read at the
+loop's sync points only) and a tracker fed the run's rows and hyper-parameters."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import glob
 import math
 import os
 import signal
 
 import jax
+import numpy as np
 import pytest
 
 from rlhf_jax.ops import kl_controller_init
 from rlhf_jax.train import (
     Checkpointer,
+    LoggingConfig,
     LoopConfig,
     NonFiniteError,
     OptimizerConfig,
@@ -22,23 +27,21 @@ from rlhf_jax.train import (
     make_optimizer,
     make_train_step,
     read_jsonl_metrics,
-    train_loop,
 )
+from rlhf_jax.train import loop
 from tests.helpers import assert_all_finite
 from tests.train.common import (
     ArraySource,
     assert_trees_bitwise,
-    decode_event,
     host,
-    read_records,
+    read_scalars,
     toy_batch,
     toy_loss,
     toy_params,
 )
 
 N = 6  # 12 rows, 4 per batch: epochs end after steps 3 and 6
-OPT = make_optimizer(OptimizerConfig(learning_rate=5e-2, schedule="cosine", warmup_steps=1,
-                                     total_steps=N))
+OPT = make_optimizer(OptimizerConfig(learning_rate=5e-2, schedule="cosine", warmup_steps=1), N)
 STEP = make_train_step(toy_loss, OPT, micro_batches=2)  # compiled once, shared by the tests
 _EVAL = make_eval_step(toy_loss)
 _EVAL_BATCH = toy_batch(99, counts=[5, 4, 3, 2, 1, 0, 5, 5])
@@ -54,8 +57,15 @@ def eval_fn(state):
 
 
 def cfg(total, **kw):
-    return LoopConfig(**({"total_steps": total, "log_every": 2, "eval_every": 3,
-                          "progress": False} | kw))
+    return LoopConfig(**({"total_steps": total, "log_every": 2, "eval_every": 3} | kw))
+
+
+LOG = LoggingConfig(progress=False)  # TensorBoard and the console on: both are checked
+
+
+def train_loop(config, **kw):
+    """``loop.train_loop`` with this file's sinks (``logging=`` overrides them)."""
+    return loop.train_loop(config, **({"logging": LOG} | kw))
 
 
 def _ledger(run_dir):
@@ -102,9 +112,9 @@ def test_straight_run_rows_ledger_and_events(straight):
         assert d["loss"] == pytest.approx(r["loss"], rel=1e-12)
     events = glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
     assert len(events) == 1
-    decoded = [decode_event(r) for r in read_records(events[0])]
-    tagged = {(e["step"], t) for e in decoded for t in e["scalars"]}
-    assert {(2, "train/loss"), (6, "train/loss"), (3, "eval/loss"), (6, "eval/loss")} <= tagged
+    scalars = read_scalars(events[0])  # TensorBoard's own reader: float32 copies of the rows
+    for split, rs in (("train", train), ("eval", evals)):
+        assert scalars[f"{split}/loss"] == [(r["step"], np.float32(r["loss"])) for r in rs]
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
     assert ckpt.all_steps() == [N]
     ckpt.close()
@@ -205,6 +215,91 @@ def test_non_finite_stops_after_max_consecutive_skips(tmp_path):
     assert [r["update_skipped"] for r in rows if r["split"] == "train"] == [0.0, 0.5]
 
 
+def test_resume_after_crash_logs_every_step_once(tmp_path):
+    """The crashed invocation logged steps 4 and 5 after its last checkpoint (3): the resumed
+    run's metrics.jsonl and TensorBoard view (its writer purges from step 4 on) equal those of
+    an uninterrupted run."""
+    config = cfg(N, log_every=1, save_every=3)
+    ref, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    train_loop(config, run_dir=ref, state=fresh_state(), step_fn=STEP, data=ArraySource(),
+               eval_fn=eval_fn)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_loop(config, run_dir=run_dir, state=fresh_state(), step_fn=STEP,
+                   data=_CrashingSource(crash_at=5), eval_fn=eval_fn)
+    assert [r["step"] for r in read_jsonl_metrics(os.path.join(run_dir, "metrics.jsonl"))
+            if r["split"] == "train"] == [1, 2, 3, 4, 5]
+    train_loop(config, run_dir=run_dir, state=fresh_state(), step_fn=STEP, data=ArraySource(),
+               eval_fn=eval_fn)
+
+    def rows(d):  # the wall-clock time aside
+        return [{k: v for k, v in r.items() if k != "time"}
+                for r in read_jsonl_metrics(os.path.join(d, "metrics.jsonl"))]
+
+    assert [r["step"] for r in rows(run_dir) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert rows(run_dir) == rows(ref)
+    assert len(glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))) == 2
+    tb = read_scalars(os.path.join(run_dir, "tensorboard"))
+    assert tb == read_scalars(os.path.join(ref, "tensorboard"))
+    assert [s for s, _ in tb["train/loss"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_limit_is_read_at_the_next_log_boundary(tmp_path):
+    """No host sync per step: the limit (reached at step 3) is read at the log boundary of
+    step 4, and the error names step 3; no checkpoint was written, none is claimed."""
+    data = ArraySource(bad_from=1)
+    with pytest.raises(NonFiniteError, match=r"^2 consecutive steps had non-finite gradients "
+                                             r"\(last at step 3\).*Last good checkpoint: None$"):
+        train_loop(cfg(N, log_every=4, eval_every=0, max_consecutive_skips=2),
+                   run_dir=str(tmp_path), state=fresh_state(), step_fn=STEP, data=data)
+    assert data.handed == 4
+    ckpt = Checkpointer(os.path.join(str(tmp_path), "checkpoints"))
+    assert ckpt.all_steps() == []
+    ckpt.close()
+    assert read_jsonl_metrics(os.path.join(str(tmp_path), "metrics.jsonl")) == []
+
+
+def test_skip_count_is_read_only_at_sync_points(tmp_path, monkeypatch):
+    """No host sync per step: the on-device skip watch is read at log rows, evaluations, saves
+    and the end only, so its reads do not grow with the number of steps."""
+    reads, check = [], loop._SkipWatch.check
+    monkeypatch.setattr(loop._SkipWatch, "check",
+                        lambda self, last: reads.append(last) or check(self, last))
+    for total in (3, 6):
+        reads.clear()
+        train_loop(cfg(total, log_every=total, eval_every=0), run_dir=str(tmp_path / str(total)),
+                   state=fresh_state(), step_fn=STEP, data=ArraySource())
+        assert reads == [None, None, None]  # the log row, the end of the run, its save
+
+
+def test_mlflow_tracker_gets_rows_and_hparams(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "loop")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "mlruns"
+    logging = LoggingConfig(progress=False, tensorboard=False, mlflow=str(store),
+                            run_name="toy")
+    hparams = {"learning_rate": 0.05, "loop": {"total_steps": N}}
+    for name, data, total in (("ok", ArraySource(), 3), ("nan", ArraySource(bad_from=0), N)):
+        with pytest.raises(NonFiniteError) if name == "nan" else contextlib.nullcontext():
+            train_loop(cfg(total, max_consecutive_skips=2), run_dir=str(tmp_path / name),
+                       state=fresh_state(), step_fn=STEP, data=data, eval_fn=eval_fn,
+                       logging=logging, hparams=hparams)
+    client = MlflowClient(tracking_uri=store.as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("loop").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("toy", "FINISHED"),
+                                                                ("toy", "FAILED")]
+    assert runs[0].data.params == {"learning_rate": "0.05", "loop.total_steps": str(N)}
+    disk = read_jsonl_metrics(os.path.join(str(tmp_path / "ok"), "metrics.jsonl"))
+    for split in ("train", "eval"):
+        got = client.get_metric_history(runs[0].info.run_id, f"{split}/loss")
+        assert [(m.step, m.value) for m in got] == [(r["step"], r["loss"]) for r in disk
+                                                    if r["split"] == split]
+
+
 @pytest.mark.parametrize("bad", [
     dict(total_steps=0), dict(total_steps=3, log_every=0), dict(total_steps=3, eval_every=-1),
     dict(total_steps=3, save_every=-2), dict(total_steps=3, keep_checkpoints=0),
@@ -223,6 +318,7 @@ def test_console_sink_prints_every_evaluation(tmp_path, capsys):
     assert [r["step"] for r in evals] == [0, 3]
     for r in evals:  # one line per evaluation, with the same (rounded) figure as metrics.jsonl
         assert f"step {r['step']} eval: loss={r['loss']:.4g}" in err
-    state, _ = train_loop(cfg(3, console=False), run_dir=str(tmp_path / "quiet"),
-                          state=fresh_state(), step_fn=STEP, data=ArraySource(), eval_fn=eval_fn)
+    state, _ = train_loop(cfg(3), run_dir=str(tmp_path / "quiet"), state=fresh_state(),
+                          step_fn=STEP, data=ArraySource(), eval_fn=eval_fn,
+                          logging=dataclasses.replace(LOG, console=False))
     assert "eval:" not in capsys.readouterr().err
