@@ -254,3 +254,22 @@ def summarize(ours: dict, theirs: dict | None, *, unit: str, work: float) -> dic
                 "trl_first_step_s": r(theirs["first"]),
                 "ratio": r(theirs["median"] / ours["median"], 2)}
     return rec
+
+
+def parse_args(description: str, argv, **ints: int):
+    """The workload flags ``--name N`` (one per keyword, its default; ``prompt_len`` is spelled
+    ``--prompt-len``), ``--repeats`` among them, plus ``--no-trl``. Returns ``(args, a fresh
+    CompileCounter, whether TRL runs)``: torch/trl installed and not ``--no-trl``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description.splitlines()[0])
+    for name, default in ints.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    p.add_argument("--no-trl", action="store_true", help="run our side only")
+    a = p.parse_args(argv)
+    return a, CompileCounter(), trl_stack()[0] is not None and not a.no_trl
+
+
+def random_prompts(rows: int, length: int, vocab: int = SMALL_LLAMA["vocab_size"]) -> np.ndarray:
+    """``[rows, length]`` prompt ids drawn with seed 0, never the pad (0) or EOS (1) id."""
+    return np.random.default_rng(0).integers(2, vocab, (rows, length)).astype(np.int32)

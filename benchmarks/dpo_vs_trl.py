@@ -7,7 +7,8 @@ differences). Sigmoid DPO loss, beta 0.1, AdamW at a constant learning rate, cli
 ``--batch`` pairs per step, no gradient accumulation.
 
 * Ours, per step: the reference log-probs of the batch (``models.sequence_logprob_sums`` of
-  chosen, then of rejected, jitted once: the body of ``pipelines.dpo.reference_logps``, which
+  chosen and rejected in one pass, jitted once: the body of ``pipelines.dpo.reference_logps``,
+  which
   the pipeline runs once up front; calling that function per step would re-jit it every call)
   and the pipeline's loss
   (``pipelines.dpo.make_dpo_loss``: chosen and rejected in one forward) through
@@ -20,21 +21,19 @@ differences). Sigmoid DPO loss, beta 0.1, AdamW at a constant learning rate, cli
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._common import emit
-from benchmarks._vs_trl import (EOS_ID, PAD_ID, SMALL_LLAMA, CompileCounter, hf_tokenizer,
-                                load_ours, make_checkpoint, make_step_clock, r, summarize,
-                                time_ours, trl_common_args, trl_stack, versions, word_text,
-                                write_tokenizer)
+from benchmarks._vs_trl import (EOS_ID, PAD_ID, SMALL_LLAMA, hf_tokenizer, load_ours,
+                                make_checkpoint, make_step_clock, parse_args, r, summarize,
+                                time_ours, trl_common_args, versions, word_text, write_tokenizer)
 from rlhf_jax.data import preference_batch
 from rlhf_jax.models import sequence_logprob_sums
-from rlhf_jax.pipelines.dpo import DPOConfig, make_dpo_loss
-from rlhf_jax.pipelines.common import ModelSpec
+from rlhf_jax.pipelines.dpo import DPOAlgorithmConfig, make_dpo_loss
 from rlhf_jax.train import create_train_state, make_optimizer, make_schedule, make_train_step
 from rlhf_jax.train import OptimizerConfig
 
@@ -53,15 +52,17 @@ def make_pairs(n: int, prompt: int, response: int, vocab: int, seed: int = 0):
 
 
 def ours(model, params, pairs, batch: int, length: int, repeats: int, counter) -> dict:
-    opt_cfg = OptimizerConfig(learning_rate=LR, schedule="constant", total_steps=1000,
-                              max_grad_norm=1.0)
-    cfg = DPOConfig(train_data="-", tokenizer="-", policy=ModelSpec(), loss="sigmoid", beta=BETA,
-                    batch_size=batch, max_length=length, optimizer=opt_cfg)
-    optimizer = make_optimizer(opt_cfg)
-    step = make_train_step(make_dpo_loss(model, cfg), optimizer,
-                           learning_rate=make_schedule(opt_cfg))
+    opt_cfg = OptimizerConfig(learning_rate=LR, schedule="constant", max_grad_norm=1.0)
+    optimizer = make_optimizer(opt_cfg, 1000)
+    step = make_train_step(make_dpo_loss(model, DPOAlgorithmConfig(loss="sigmoid", beta=BETA)),
+                           optimizer, learning_rate=make_schedule(opt_cfg, 1000))
     ref_params = jax.tree.map(lambda x: x.copy(), params)  # frozen copy (the step donates)
-    ref_fn = jax.jit(lambda p, b: sequence_logprob_sums(model, p, b)[0])
+    @jax.jit
+    def ref_fn(p, pair):  # the body of pipelines.dpo.reference_logps: both sides in one pass
+        both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), pair.chosen, pair.rejected)
+        logps = sequence_logprob_sums(model, p, both)[0]
+        return logps[:batch], logps[batch:]
+
     batches = [preference_batch(pairs[i:i + batch], length=length, pad_id=PAD_ID)
                for i in range(0, len(pairs) - batch + 1, batch)]
     box = {"state": create_train_state(params, optimizer, seed=0), "i": 0}
@@ -70,7 +71,7 @@ def ours(model, params, pairs, batch: int, length: int, repeats: int, counter) -
         b = batches[box["i"] % len(batches)]
         box["i"] += 1
         if with_ref:
-            ref_c, ref_r = ref_fn(ref_params, b.chosen), ref_fn(ref_params, b.rejected)
+            ref_c, ref_r = ref_fn(ref_params, b)
         else:
             ref_c = ref_r = np.zeros(batch, np.float32)
         box["state"], m = step(box["state"], (b, ref_c, ref_r))
@@ -110,15 +111,7 @@ def theirs(ckpt: str, tok_dir: str, pairs, batch: int, length: int, repeats: int
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prompt", type=int, default=64)
-    p.add_argument("--response", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-trl", action="store_true", help="run our side only")
-    a = p.parse_args(argv)
-    counter = CompileCounter()
-    has_trl = trl_stack()[0] is not None and not a.no_trl
+    a, counter, has_trl = parse_args(__doc__, argv, batch=8, prompt=64, response=64, repeats=5)
     length = a.prompt + a.response
     pairs = make_pairs(a.batch * (a.repeats + 1), a.prompt, a.response,
                        SMALL_LLAMA["vocab_size"])

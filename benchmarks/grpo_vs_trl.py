@@ -7,11 +7,11 @@ with the same Python reward function on decoded text, group-normalised advantage
 loss (sequence mean of token means, k3 KL to the frozen reference with beta 0.04, clip 0.2), one
 AdamW update (constant lr, clipping 1.0). Defaults: 4 prompts x 4 = 16 completions of 64 tokens.
 
-* Ours is the GRPO pipeline's iteration (``pipelines/grpo.py``): ``make_grpo_functions``'s
-  ``rollout`` (sampler, then the reference's log-probs; with one update per rollout the policy
-  is not scored again: ``reuse_logprobs``) and ``update``, each
-  jitted as ``run`` does, with ``decode_completions`` and ``call_reward_fns`` in between (the
-  body of ``run``'s ``step_fn``, which is local to ``run``).
+* Ours is the GRPO pipeline's iteration: ``pipelines.grpo.grpo_algorithm`` on the on-policy
+  engine (``train.OnPolicyEngine``): its compiled ``rollout`` (sampler, then the reference's
+  log-probs; with one update per rollout the policy is not scored again: ``reuse_logprobs``),
+  the host reward functions on decoded text, and the compiled ``update``, exactly as
+  ``engine.step`` runs them.
 * TRL: ``GRPOTrainer.train()`` (transformers ``generate``, reference forward, reward, loss,
   backward, step), timed per step by a callback.
 
@@ -24,26 +24,23 @@ minus its steady state.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._common import emit
-from benchmarks._vs_trl import (SMALL_LLAMA, CompileCounter, hf_tokenizer, load_ours,
-                                make_checkpoint, make_step_clock, r, summarize, time_ours,
-                                trl_common_args, trl_stack, versions, word_text, write_tokenizer)
+from benchmarks._vs_trl import (SMALL_LLAMA, hf_tokenizer, load_ours, make_checkpoint,
+                                make_step_clock, parse_args, r, random_prompts, summarize,
+                                time_ours, trl_common_args, versions, word_text, write_tokenizer)
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.models import score_completions
-from rlhf_jax.pipelines.common import ModelSpec
-from rlhf_jax.pipelines.grpo import GRPOConfig, make_grpo_functions
-from rlhf_jax.pipelines.rollouts import call_reward_fns, decode_completions
+from rlhf_jax.pipelines.config import KLConfig
+from rlhf_jax.pipelines.grpo import GRPOAlgorithmConfig, grpo_algorithm
 from rlhf_jax.sampling import SamplingConfig, make_sampler
-from rlhf_jax.train import OptimizerConfig, create_train_state, make_optimizer
+from rlhf_jax.train import Models, OnPolicyEngine, OptimizerConfig, Rewards, make_optimizer
 
 LR, BETA = 1e-5, 0.04
 
@@ -58,49 +55,47 @@ def even_token_reward(prompts, completions, **_):
 
 
 def ours(policy, params, tokenizer, prompts: np.ndarray, a, counter) -> dict:
-    opt_cfg = OptimizerConfig(learning_rate=LR, schedule="constant", total_steps=1000,
-                              max_grad_norm=1.0)
-    cfg = GRPOConfig(prompts="-", tokenizer="-", policy=ModelSpec(), variant="grpo",
-                     max_prompt_length=a.prompt_len, max_new_tokens=a.new, temperature=1.0,
-                     prompts_per_step=a.prompts, group_size=a.group, num_iterations=1,
-                     num_minibatches=1, kl_coef=BETA, kl_estimator="k3", optimizer=opt_cfg)
+    algo = grpo_algorithm(GRPOAlgorithmConfig(variant="grpo", group_size=a.group, epochs=1,
+                                              num_minibatches=1),
+                          KLConfig(coef=BETA, estimator="k3"), max_new_tokens=a.new)
     sampling = SamplingConfig(max_new_tokens=a.new, eos_ids=tokenizer.eos_ids,
                               pad_id=tokenizer.pad_id, temperature=1.0, n=a.group)
-    optimizer = make_optimizer(opt_cfg)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=LR, schedule="constant",
+                                               max_grad_norm=1.0), 1000)
     ref_params = jax.tree.map(lambda x: x.copy(), params)
-    rollout, update = make_grpo_functions(cfg, policy, policy, sampling, optimizer)
-    rollout_jit, update_jit = jax.jit(rollout), jax.jit(update, donate_argnums=(0,))
+    rows = [{"prompt": word_text(p)} for p in prompts]
+    engine = OnPolicyEngine(algo, Models(policy=policy, reference=policy), sampling=sampling,
+                            optimizer=optimizer, rewards=Rewards(functions={
+                                "even": even_token_reward}), tokenizer=tokenizer, rows=rows)
     mask = np.ones((a.prompts, a.prompt_len), bool)
-    texts = [word_text(p) for p in prompts]
-    box = {"state": create_train_state(params, optimizer, seed=0), "i": 0, "phases": []}
+    box = {"state": engine.init({"policy": params}, {"reference": ref_params}, seed=0),
+           "i": 0, "phases": []}
 
-    def step():
+    def step():  # engine.step with a clock between its three phases
         i = box["i"] % (len(prompts) // a.prompts)
         box["i"] += 1
         sl = slice(i * a.prompts, (i + 1) * a.prompts)
         t0 = time.perf_counter()
-        out, old, ref, diff = rollout_jit(box["state"], ref_params, prompts[sl], mask)
-        jax.block_until_ready(ref)
+        ro, rm, _ = engine.rollout_jit(box["state"], engine.frozen, prompts[sl], mask)
+        jax.block_until_ready(ro)
         t1 = time.perf_counter()
-        done = decode_completions(tokenizer, out.tokens, out.mask)
-        rep = [t for t in texts[sl] for _ in range(a.group)]
-        scores = call_reward_fns({"even": even_token_reward}, rep, done, {})
+        host, _ = engine.host_rewards(ro, np.arange(sl.start, sl.stop))
         t2 = time.perf_counter()
-        box["state"], m = update_jit(box["state"], out, old, ref,
-                                     jnp.asarray(scores["even"], jnp.float32))
+        box["state"], m = engine.update_jit(box["state"], ro, host, rm)
         jax.block_until_ready(m["loss"])
         box["phases"].append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
     res = time_ours(step, repeats=a.repeats, counter=counter)
-    res["cache_sizes"] = {"rollout": rollout_jit._cache_size(), "update": update_jit._cache_size()}
+    res["cache_sizes"] = {"rollout": engine.rollout_jit._cache_size(),
+                          "update": engine.update_jit._cache_size()}
     first, rest = box["phases"][0], box["phases"][1:]
     med = [statistics.median(x) for x in zip(*rest)]
     res["breakdown"] = {"rollout_total": r(med[0]), "decode_and_reward_host": r(med[1]),
                         "update": r(med[2])}
     res["compile_breakdown"] = {"rollout": r(first[0] - med[0], 2),
                                 "update": r(first[2] - med[2], 2)}
-    res["breakdown"] |= rollout_parts(policy, box["state"].params, ref_params, sampling,
-                                      prompts[:a.prompts], mask, a.repeats)
+    res["breakdown"] |= rollout_parts(policy, box["state"].params["policy"], ref_params,
+                                      sampling, prompts[:a.prompts], mask, a.repeats)
     return res
 
 
@@ -150,21 +145,11 @@ def theirs(ckpt: str, tok_dir: str, prompts: np.ndarray, a) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--group", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-trl", action="store_true", help="run our side only")
-    a = p.parse_args(argv)
-    counter = CompileCounter()
-    has_trl = trl_stack()[0] is not None and not a.no_trl
-    vocab = SMALL_LLAMA["vocab_size"]
-    prompts = np.random.default_rng(0).integers(2, vocab, (a.prompts * (a.repeats + 1),
-                                                            a.prompt_len)).astype(np.int32)
+    a, counter, has_trl = parse_args(__doc__, argv, prompts=4, group=4, prompt_len=32, new=64,
+                                     repeats=3)
+    prompts = random_prompts(a.prompts * (a.repeats + 1), a.prompt_len)
     with tempfile.TemporaryDirectory() as d:
-        tok_dir = write_tokenizer(f"{d}/tok", vocab)
+        tok_dir = write_tokenizer(f"{d}/tok", SMALL_LLAMA["vocab_size"])
         ckpt = make_checkpoint(f"{d}/policy") if has_trl else None
         model, params = load_ours(ckpt, heads=("lm",))
         mine = ours(model, params, Tokenizer.load(tok_dir), prompts, a, counter)

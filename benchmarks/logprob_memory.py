@@ -1,4 +1,6 @@
-"""Peak memory and time of chunked vs plain token log-probs: ``python -m benchmarks.logprob_memory``.
+"""Peak memory and time of chunked vs plain token log-probs.
+
+``python -m benchmarks.logprob_memory``.
 
 The incumbent is the plain form: ``token_logprobs(hidden @ unembed, targets)``, which
 materialises ``[B, T, V]`` logits (and their float32 softmax in the backward pass). The chunked

@@ -90,7 +90,7 @@ def _sft_step(config):
         return sft_loss(token_batch_logprobs(model, p, batch), batch.loss_mask,
                         aggregation="token_mean")
 
-    optimizer = make_optimizer(OptimizerConfig())
+    optimizer = make_optimizer(OptimizerConfig(), 1000)
     return make_train_step(loss_fn, optimizer).__wrapped__, optimizer
 
 
@@ -106,7 +106,7 @@ def plan(config, mesh_shape, optimizer):
 
 def state_bytes(config, mesh_shape, optimizer=None) -> tuple[int, int]:
     """``(params, optimizer state)`` bytes per device, from the shardings alone (no compile)."""
-    optimizer = optimizer or make_optimizer(OptimizerConfig())
+    optimizer = optimizer or make_optimizer(OptimizerConfig(), 1000)
     _, state, sh = plan(config, mesh_shape, optimizer)
     return shard_bytes(state.params, sh.params), shard_bytes(state.opt_state, sh.opt_state)
 

@@ -10,8 +10,9 @@ initialised from one ``LlamaForSequenceClassification`` checkpoint), per-token r
 ``minibatches`` AdamW updates (constant lr, no gradient clipping: TRL's PPO loop does not clip)
 on the clipped policy loss + 0.1 x clipped value loss (clip 0.2 both).
 
-* Ours is the PPO pipeline's iteration (``pipelines/ppo.py``): ``make_ppo_functions``'s
-  ``rollout`` and ``update``, jitted as ``run`` does (the body of ``run``'s ``step_fn``).
+* Ours is the PPO pipeline's iteration: ``pipelines.ppo.ppo_algorithm`` on the on-policy
+  engine (``train.OnPolicyEngine``), its compiled ``rollout`` and ``update`` exactly as
+  ``engine.step`` calls them (with no reward functions nothing leaves the device between them).
 * TRL: ``PPOTrainer.train()`` timed per iteration by a callback (``on_step_end``).
 
 ``ours_breakdown_s`` splits our iteration with ``block_until_ready`` between phases; the
@@ -20,7 +21,6 @@ rollout's parts are also timed as separate jitted calls.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -29,16 +29,16 @@ import jax
 import numpy as np
 
 from benchmarks._common import emit
-from benchmarks._vs_trl import (EOS_ID, PAD_ID, SMALL_LLAMA, CompileCounter, hf_tokenizer,
-                                load_ours, make_checkpoint, make_step_clock, r, summarize,
-                                time_ours, trl_common_args, trl_stack, value_from_reward,
-                                versions, write_tokenizer)
+from benchmarks._vs_trl import (EOS_ID, PAD_ID, SMALL_LLAMA, hf_tokenizer, load_ours,
+                                make_checkpoint, make_step_clock, parse_args, r, random_prompts,
+                                summarize, time_ours, trl_common_args, value_from_reward, versions,
+                                write_tokenizer)
 from rlhf_jax.models import completion_values, score_completions, sequence_rewards
 from rlhf_jax.ops import kl_controller_init
-from rlhf_jax.pipelines.common import ModelSpec
-from rlhf_jax.pipelines.ppo import Models, PPOConfig, make_ppo_functions
+from rlhf_jax.pipelines.config import KLConfig
+from rlhf_jax.pipelines.ppo import PPOAlgorithmConfig, ppo_algorithm
 from rlhf_jax.sampling import SamplingConfig, make_sampler
-from rlhf_jax.train import OptimizerConfig, create_train_state, make_optimizer
+from rlhf_jax.train import Models, OnPolicyEngine, OptimizerConfig, Rewards, make_optimizer
 
 LR, KL_COEF, VF_COEF = 1e-5, 0.05, 0.1
 
@@ -48,41 +48,40 @@ def ours(ckpt, rm_ckpt, prompts: np.ndarray, a, counter) -> dict:
     ref_params = jax.tree.map(lambda x: x.copy(), p_params)
     rm, rm_params = load_ours(rm_ckpt, heads=("reward",), seed=1)
     critic, v_params = value_from_reward(rm_ckpt)
-    opt_cfg = OptimizerConfig(learning_rate=LR, schedule="constant", total_steps=1000,
-                              max_grad_norm=None)
-    cfg = PPOConfig(prompts="-", tokenizer="-", policy=ModelSpec(), reward_model=ModelSpec(),
-                    value_model="separate", max_prompt_length=a.prompt_len,
-                    max_new_tokens=a.new, temperature=1.0, rollout_batch_size=a.batch,
-                    ppo_epochs=a.epochs, num_minibatches=a.minibatches, gamma=1.0, lam=0.95,
-                    clip_eps_low=0.2, value_clip=0.2, vf_coef=VF_COEF, entropy_coef=0.0,
-                    kl_mode="reward", kl_coef=KL_COEF, kl_controller="fixed",
-                    whiten_advantages=True, aggregation="token_mean", optimizer=opt_cfg)
+    algo = ppo_algorithm(
+        PPOAlgorithmConfig(epochs=a.epochs, num_minibatches=a.minibatches, discount=1.0,
+                           gae_lambda=0.95, clip_eps_low=0.2, value_clip=0.2, vf_coef=VF_COEF,
+                           entropy_coef=0.0, whiten_advantages=True, aggregation="token_mean",
+                           value_model="separate"),
+        KLConfig(coef=KL_COEF, mode="reward", controller="fixed"))
     sampling = SamplingConfig(max_new_tokens=a.new, eos_ids=(EOS_ID,), pad_id=PAD_ID,
                               temperature=1.0)
-    optimizer = make_optimizer(opt_cfg)
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=LR, schedule="constant",
+                                               max_grad_norm=None), 1000)
     models = Models(policy=policy, critic=critic, reference=policy, reward=rm)
-    frozen = (ref_params, rm_params)
-    rollout, update = make_ppo_functions(cfg, models, sampling, optimizer)
-    rollout_jit, update_jit = jax.jit(rollout), jax.jit(update, donate_argnums=(0,))
+    engine = OnPolicyEngine(algo, models, sampling=sampling, optimizer=optimizer,
+                            rewards=Rewards())
+    frozen = {"reference": ref_params, "reward": rm_params}
     mask = np.ones((a.batch, a.prompt_len), bool)
-    box = {"state": create_train_state({"policy": p_params, "value": v_params}, optimizer,
-                                       seed=0, algo=kl_controller_init(KL_COEF)),
+    box = {"state": engine.init({"policy": p_params, "value": v_params}, frozen, seed=0,
+                                algo_state=kl_controller_init(KL_COEF)),
            "i": 0, "phases": []}
 
-    def step():
+    def step():  # engine.step with a clock between the rollout and the update
         i = box["i"] % (len(prompts) // a.batch)
         box["i"] += 1
         t0 = time.perf_counter()
-        ro, ro_metrics = rollout_jit(box["state"], frozen, prompts[i * a.batch:(i + 1) * a.batch],
-                                     mask)
+        ro, rm_scores, _ = engine.rollout_jit(box["state"], engine.frozen,
+                                              prompts[i * a.batch:(i + 1) * a.batch], mask)
         jax.block_until_ready(ro)
         t1 = time.perf_counter()
-        box["state"], up_metrics = update_jit(box["state"], ro, ro_metrics["kl"])
+        box["state"], up_metrics = engine.update_jit(box["state"], ro, None, rm_scores)
         jax.block_until_ready(up_metrics["loss"])
         box["phases"].append((t1 - t0, time.perf_counter() - t1))
 
     res = time_ours(step, repeats=a.repeats, counter=counter)
-    res["cache_sizes"] = {"rollout": rollout_jit._cache_size(), "update": update_jit._cache_size()}
+    res["cache_sizes"] = {"rollout": engine.rollout_jit._cache_size(),
+                          "update": engine.update_jit._cache_size()}
     first, rest = box["phases"][0], box["phases"][1:]
     med = [statistics.median(x) for x in zip(*rest)]
     res["breakdown"] = {"rollout_total": r(med[0]), "update": r(med[1])}
@@ -95,7 +94,7 @@ def ours(ckpt, rm_ckpt, prompts: np.ndarray, a, counter) -> dict:
 
 def rollout_parts(models, params, frozen, sampling, prompts, mask, repeats) -> dict:
     """The rollout's model calls as separate jitted functions (median of ``repeats``)."""
-    ref_params, rm_params = frozen
+    ref_params, rm_params = frozen["reference"], frozen["reward"]
     sample = make_sampler(models.policy, sampling)
 
     def args(o):
@@ -159,27 +158,17 @@ def theirs(ckpt: str, rm_ckpt: str, tok_dir: str, prompts: np.ndarray, a) -> dic
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--minibatches", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-trl", action="store_true", help="run our side only")
-    a = p.parse_args(argv)
-    counter = CompileCounter()
-    has_trl = trl_stack()[0] is not None and not a.no_trl
-    vocab = SMALL_LLAMA["vocab_size"]
-    prompts = np.random.default_rng(0).integers(2, vocab, (a.batch * (a.repeats + 1),
-                                                            a.prompt_len)).astype(np.int32)
+    a, counter, has_trl = parse_args(__doc__, argv, batch=16, prompt_len=32, new=64, epochs=2,
+                                     minibatches=2, repeats=3)
+    prompts = random_prompts(a.batch * (a.repeats + 1), a.prompt_len)
     with tempfile.TemporaryDirectory() as d:
         ckpt = make_checkpoint(f"{d}/policy") if has_trl else None
         rm_ckpt = make_checkpoint(f"{d}/reward", seed=1, kind="reward") if has_trl else None
         mine = ours(ckpt, rm_ckpt, prompts, a, counter)
         trl_res = None
         if has_trl:
-            trl_res = theirs(ckpt, rm_ckpt, write_tokenizer(f"{d}/tok", vocab), prompts, a)
+            trl_res = theirs(ckpt, rm_ckpt, write_tokenizer(f"{d}/tok", SMALL_LLAMA["vocab_size"]),
+                             prompts, a)
     rec = {"benchmark": "ppo_vs_trl", "batch": a.batch, "prompt_len": a.prompt_len,
            "new_tokens": a.new, "ppo_epochs": a.epochs, "minibatches": a.minibatches,
            "models": "policy + reference + value + reward, 4 x 7.1M params",

@@ -79,7 +79,8 @@ def markdown(records: list[dict]) -> str:
                     f"{rec['ours_recompiles_timed']} |")
         details.append(f"- `{rec['benchmark']}`: our breakdown (s): {_breakdown(rec)}; "
                        f"compile by part (s): {rec.get('ours_compile_breakdown_s', '—')}; "
-                       f"jit cache sizes: {rec.get('ours_cache_sizes', rec.get('ours_step_cache_size'))}"
+                       "jit cache sizes: "
+                       f"{rec.get('ours_cache_sizes', rec.get('ours_step_cache_size'))}"
                        f"; wall {rec['wall_s']} s")
     versions = next((r["versions"] for r in records if "versions" in r), {})
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

@@ -11,15 +11,14 @@ the ``batch * (seq - 1)`` predicted tokens.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 
 import numpy as np
 
 from benchmarks._common import emit
-from benchmarks._vs_trl import (CompileCounter, SMALL_LLAMA, load_ours, make_checkpoint,
-                                make_step_clock, summarize, time_ours, trl_common_args, trl_stack,
-                                versions, write_tokenizer, hf_tokenizer)
+from benchmarks._vs_trl import (SMALL_LLAMA, hf_tokenizer, load_ours, make_checkpoint,
+                                make_step_clock, parse_args, summarize, time_ours, trl_common_args,
+                                versions, write_tokenizer)
 from rlhf_jax.data import pad_token_batch
 from rlhf_jax.losses import sft_loss
 from rlhf_jax.models import token_batch_logprobs
@@ -38,10 +37,10 @@ def ours(model, params, data: np.ndarray, batch: int, repeats: int, counter) -> 
     def loss_fn(p, b, key):
         return sft_loss(token_batch_logprobs(model, p, b), b.loss_mask, aggregation="token_mean")
 
-    opt_cfg = OptimizerConfig(learning_rate=LR, schedule="constant", total_steps=1000,
+    opt_cfg = OptimizerConfig(learning_rate=LR, schedule="constant",
                               max_grad_norm=1.0)
-    optimizer = make_optimizer(opt_cfg)
-    step = make_train_step(loss_fn, optimizer, learning_rate=make_schedule(opt_cfg))
+    optimizer = make_optimizer(opt_cfg, 1000)
+    step = make_train_step(loss_fn, optimizer, learning_rate=make_schedule(opt_cfg, 1000))
     seq = data.shape[1]
     batches = [pad_token_batch([(r, [1] * seq) for r in data[i:i + batch]], length=seq, pad_id=0)
                for i in range(0, len(data) - batch + 1, batch)]
@@ -79,14 +78,7 @@ def theirs(ckpt: str, tok_dir: str, data: np.ndarray, batch: int, repeats: int) 
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-trl", action="store_true", help="run our side only")
-    a = p.parse_args(argv)
-    counter = CompileCounter()
-    has_trl = trl_stack()[0] is not None and not a.no_trl
+    a, counter, has_trl = parse_args(__doc__, argv, batch=8, seq=256, repeats=5)
     data = rows(a.batch * (a.repeats + 1), a.seq, SMALL_LLAMA["vocab_size"])
     with tempfile.TemporaryDirectory() as d:
         ckpt = make_checkpoint(f"{d}/policy") if has_trl else None

@@ -1,1 +1,2 @@
-"""Runnable experiments: ``python -m experiments.NAME``; each has ``get_config()`` and ``run(cfg)``."""
+"""Runnable experiments: ``python -m experiments.NAME``; each has ``get_config()`` and
+``run(cfg)``."""

@@ -12,10 +12,13 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from rlhf_jax.data import Tokenizer, train_bpe_tokenizer
+from rlhf_jax.data import Tokenizer, decode_completions, train_bpe_tokenizer
+from rlhf_jax.fileio import atomic_write
 from rlhf_jax.parallel import is_main_process
-from rlhf_jax.pipelines.common import ModelSpec, load_model, write_json
-from rlhf_jax.pipelines.rollouts import decode_completions, load_prompts
+from rlhf_jax.pipelines import DataConfig, ModelSpec
+from rlhf_jax.pipelines.datasets import load_prompts
+from rlhf_jax.pipelines.run_dir import write_json
+from rlhf_jax.pipelines.setup import load_model
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import read_jsonl_metrics
 
@@ -53,7 +56,8 @@ def sample_texts(model_dir: str, tokenizer_dir: str, prompts_path: str, *, n: in
                  batch: int = 64) -> tuple[list[dict], list[list[str]]]:
     """``n`` completions per prompt from the checkpoint in ``model_dir`` (fixed key)."""
     tok = Tokenizer.load(tokenizer_dir)
-    prompts, rows = load_prompts(prompts_path, tok, max_prompt_length=max_prompt_length)
+    prompts, rows = load_prompts(prompts_path, DataConfig(
+        train=prompts_path, max_prompt_length=max_prompt_length), tok)
     model, params = load_model(ModelSpec(path=model_dir), heads=("lm",),
                                vocab_size=tok.vocab_size, seed=seed)
     sample = make_sampler(model, SamplingConfig(max_new_tokens=max_new_tokens,
@@ -88,11 +92,12 @@ def write_samples(path: str, rows, texts, scorers: Mapping[str, Callable[[str, s
                   limit: int = 32) -> None:
     if not is_main_process():
         return
-    with open(path, "w", encoding="utf-8") as f:
-        for row, ts in list(zip(rows, texts))[:limit]:
-            rec = {"prompt": row["prompt"], "completion": ts[0]}
-            rec |= {k: round(float(fn(row["prompt"], ts[0])), 4) for k, fn in scorers.items()}
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    lines = []
+    for row, ts in list(zip(rows, texts))[:limit]:
+        rec = {"prompt": row["prompt"], "completion": ts[0]}
+        rec |= {k: round(float(fn(row["prompt"], ts[0])), 4) for k, fn in scorers.items()}
+        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    atomic_write(path, "".join(lines))
 
 
 def combine_metrics(run_dir: str, stages: Sequence[str]) -> list[dict]:
@@ -105,9 +110,8 @@ def combine_metrics(run_dir: str, stages: Sequence[str]) -> list[dict]:
             rows += [{"stage": stage} | r for r in read_jsonl_metrics(path)]
     if not is_main_process():
         return rows
-    with open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    atomic_write(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n"
+                                                                 for r in rows))
     return rows
 
 
@@ -147,8 +151,7 @@ def write_summary(path: str, title: str, sections: Mapping[str, Mapping[str, obj
     lines += list(notes)
     if not is_main_process():
         return
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -16,9 +16,11 @@ from rlhf_jax.data import Tokenizer
 from rlhf_jax.models import score_completions
 from rlhf_jax.ops import kl_k1
 from rlhf_jax.parallel import parse_mesh
-from rlhf_jax.pipelines import ModelSpec, ppo, reward_model, sft
-from rlhf_jax.pipelines.common import load_model
-from rlhf_jax.pipelines.rollouts import decode_completions, load_prompts
+from rlhf_jax.data import decode_completions
+from rlhf_jax.pipelines import (DataConfig, GenerationConfig, KLConfig, ModelSpec, RewardConfig,
+                                ppo, reward_model, sft)
+from rlhf_jax.pipelines.datasets import load_prompts
+from rlhf_jax.pipelines.setup import load_model
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import LoopConfig, OptimizerConfig
 
@@ -94,26 +96,27 @@ def train_sft(cfg: WorldConfig, run_dir: str, paths: dict, tok: str, *,
               model: ModelSpec | None = None) -> dict:
     arch = common.model_overrides(cfg)
     return common.completed(sft.run(sft.SFTConfig(
-        train_data=train_data or paths["sft"], tokenizer=tok,
-        output_dir=os.path.join(run_dir, stage),
-        model=model or ModelSpec(preset="toy-1m", overrides=arch), max_length=48,
-        packing=True, batch_size=cfg.sft_batch_size, seed=cfg.seed,
+        data=DataConfig(train=train_data or paths["sft"], max_length=48, packing=True,
+                        batch_size=cfg.sft_batch_size),
+        tokenizer=tok, output_dir=os.path.join(run_dir, stage),
+        model=model or ModelSpec(preset="toy-1m", overrides=arch), seed=cfg.seed,
         mesh=parse_mesh(cfg.mesh),
         optimizer=OptimizerConfig(
             learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
-            total_steps=cfg.sft_steps, weight_decay=0.01),
+            weight_decay=0.01),
         loop=LoopConfig(total_steps=cfg.sft_steps, log_every=10, save_every=cfg.sft_steps))))
 
 
 def train_rm(cfg: WorldConfig, run_dir: str, paths: dict, tok: str, sft_dir: str) -> dict:
     return common.completed(reward_model.run(reward_model.RewardModelConfig(
-        train_data=paths["preference"], eval_data=paths["preference_eval"], tokenizer=tok,
-        output_dir=os.path.join(run_dir, "reward_model"), model=ModelSpec(path=sft_dir),
-        max_prompt_length=MAX_PROMPT, max_length=56, batch_size=cfg.rm_batch_size,
-        seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
+        data=DataConfig(train=paths["preference"], eval=paths["preference_eval"],
+                        max_prompt_length=MAX_PROMPT, max_length=56,
+                        batch_size=cfg.rm_batch_size, on_overflow="truncate"),
+        tokenizer=tok, output_dir=os.path.join(run_dir, "reward_model"),
+        model=ModelSpec(path=sft_dir), seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
         optimizer=OptimizerConfig(
             learning_rate=cfg.rm_lr, warmup_steps=min(20, cfg.rm_steps // 10),
-            total_steps=cfg.rm_steps, weight_decay=0.01),
+            weight_decay=0.01),
         loop=LoopConfig(total_steps=cfg.rm_steps, log_every=10,
                         eval_every=max(cfg.rm_steps // 3, 1), save_every=cfg.rm_steps))))
 
@@ -122,17 +125,21 @@ def train_ppo(cfg: PPOWorldConfig, run_dir: str, paths: dict, tok: str, sft_dir:
               rm_dir: str, *, kl_coef: float | None = None, stage: str = "ppo") -> dict:
     steps = cfg.ppo_steps
     return common.completed(ppo.run(ppo.PPOConfig(
-        prompts=paths["prompts"], eval_prompts=paths["eval_prompts"], tokenizer=tok,
-        output_dir=os.path.join(run_dir, stage), policy=ModelSpec(path=sft_dir),
-        reward_model=ModelSpec(path=rm_dir), value_model=cfg.value_model,
-        max_prompt_length=MAX_PROMPT, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, rollout_batch_size=cfg.rollout_batch_size,
-        ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches,
-        kl_coef=cfg.kl_coef if kl_coef is None else kl_coef, kl_controller=cfg.kl_controller,
-        missing_eos_penalty=cfg.missing_eos_penalty,
+        data=DataConfig(train=paths["prompts"], eval=paths["eval_prompts"],
+                        max_prompt_length=MAX_PROMPT, batch_size=cfg.rollout_batch_size),
+        tokenizer=tok, output_dir=os.path.join(run_dir, stage), policy=ModelSpec(path=sft_dir),
+        rewards=RewardConfig(model=ModelSpec(path=rm_dir),
+                             missing_eos_penalty=cfg.missing_eos_penalty),
+        sampling=GenerationConfig(max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature),
+        algorithm=ppo.PPOAlgorithmConfig(epochs=cfg.ppo_epochs,
+                                         num_minibatches=cfg.num_minibatches,
+                                         value_model=cfg.value_model),
+        kl=KLConfig(coef=cfg.kl_coef if kl_coef is None else kl_coef, mode="reward",
+                    controller=cfg.kl_controller),
         seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
         optimizer=OptimizerConfig(learning_rate=cfg.ppo_lr, schedule="constant",
-                                  total_steps=steps, max_grad_norm=1.0),
+                                  max_grad_norm=1.0),
         loop=LoopConfig(total_steps=steps, log_every=2, eval_every=cfg.eval_every,
                         save_every=max(steps // 2, 1))),
         eval_rewards={"gold": world.gold_reward}))
@@ -145,7 +152,8 @@ def policy_report(policy_dir: str, ref_dir: str, tok_dir: str, prompts_path: str
     the proxy reward (with ``rm_dir``), the mean per-sequence KL to ``ref_dir`` (k1, i.e. the
     Monte-Carlo estimate of KL(policy || ref)) and the samples themselves."""
     tok = Tokenizer.load(tok_dir)
-    prompts, rows = load_prompts(prompts_path, tok, max_prompt_length=MAX_PROMPT)
+    prompts, rows = load_prompts(prompts_path, DataConfig(train=prompts_path,
+                                                          max_prompt_length=MAX_PROMPT), tok)
     v = tok.vocab_size
     policy, params = load_model(ModelSpec(path=policy_dir), heads=("lm",), vocab_size=v,
                                 seed=seed)

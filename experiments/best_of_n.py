@@ -2,7 +2,7 @@
 the selected sample as N grows, and an SFT dataset of the best samples.
 
     python -m experiments.best_of_n
-    python -m experiments.best_of_n n=16 name=bon16
+    python -m experiments.best_of_n --n 16 --name bon16
 
 Writes ``runs/<name>/`` with the SFT and reward-model stages, ``best_of_n/best_of_n.jsonl``
 (prompt/completion rows ready for ``pipelines.sft``), ``plots/best_of_n.png`` and
@@ -20,7 +20,8 @@ from experiments import _common as common
 from experiments._cli import main
 from experiments._world import MAX_PROMPT, WorldConfig, prepare, train_rm, train_sft
 from experiments.tasks import preference_world as world
-from rlhf_jax.pipelines import ModelSpec, best_of_n
+from rlhf_jax.pipelines import (DataConfig, GenerationConfig, ModelSpec, RewardConfig,
+                                best_of_n)
 from rlhf_jax.train import plots
 
 
@@ -40,16 +41,26 @@ def bon_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def bon_config(cfg: WorldConfig, tok: str, prompts: str, sft_dir: str, rm_dir: str,
+               output_dir: str, *, n: int, batch_size: int, progress: bool = True
+               ) -> best_of_n.BestOfNConfig:
+    return best_of_n.BestOfNConfig(
+        data=DataConfig(train=prompts, max_prompt_length=MAX_PROMPT, batch_size=batch_size),
+        tokenizer=tok, policy=ModelSpec(path=sft_dir),
+        rewards=RewardConfig(model=ModelSpec(path=rm_dir)), output_dir=output_dir,
+        group_size=n, sampling=GenerationConfig(max_new_tokens=cfg.max_new_tokens,
+                                                temperature=cfg.temperature),
+        seed=cfg.seed, progress=progress)
+
+
 def sweep(cfg: WorldConfig, run_dir: str, paths: dict, tok: str, sft_dir: str, rm_dir: str,
           ns: list[int]) -> list[dict]:
     out = []
     for n in ns:
-        res = best_of_n.run(best_of_n.BestOfNConfig(
-            prompts=paths["eval_prompts"], tokenizer=tok, policy=ModelSpec(path=sft_dir),
-            reward_model=ModelSpec(path=rm_dir), output_dir=os.path.join(run_dir, f"bon_{n}"),
-            n=n, max_prompt_length=MAX_PROMPT, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, prompts_per_batch=32, seed=cfg.seed, progress=False),
-            eval_rewards={"gold": world.gold_reward})
+        res = best_of_n.run(bon_config(cfg, tok, paths["eval_prompts"], sft_dir, rm_dir,
+                                       os.path.join(run_dir, f"bon_{n}"), n=n, batch_size=32,
+                                       progress=False),
+                            eval_rewards={"gold": world.gold_reward})
         out.append({"n": n, "kl_bound": bon_kl(n), "gold": res["gold/best_mean"],
                     "proxy": res["reward_model/best_mean"], "output": res["output"]})
     return out
@@ -63,12 +74,10 @@ def run(cfg: Config) -> dict:
     ns = [2 ** i for i in range(int(math.log2(cfg.n)) + 1)]
     points = timer("best_of_n", sweep, cfg, run_dir, paths, tok, sft_res["model_dir"],
                    rm_res["model_dir"], ns)
-    big = timer("dataset", best_of_n.run, best_of_n.BestOfNConfig(
-        prompts=paths["prompts"], tokenizer=tok, policy=ModelSpec(path=sft_res["model_dir"]),
-        reward_model=ModelSpec(path=rm_res["model_dir"]),
-        output_dir=os.path.join(run_dir, "best_of_n"), n=cfg.n, max_prompt_length=MAX_PROMPT,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed),
-        eval_rewards={"gold": world.gold_reward})
+    big = timer("dataset", best_of_n.run,
+                bon_config(cfg, tok, paths["prompts"], sft_res["model_dir"], rm_res["model_dir"],
+                           os.path.join(run_dir, "best_of_n"), n=cfg.n, batch_size=16),
+                eval_rewards={"gold": world.gold_reward})
     plots.plot_xy({"gold": ([p["kl_bound"] for p in points], [p["gold"] for p in points]),
                    "proxy (reward model)": ([p["kl_bound"] for p in points],
                                             [p["proxy"] for p in points])},

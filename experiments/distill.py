@@ -4,7 +4,7 @@ by plain SFT on the teacher's samples; both are scored by their token-level KL t
 on held-out teacher samples.
 
     python -m experiments.distill
-    python -m experiments.distill loss=reverse_kl student_hidden_size=48
+    python -m experiments.distill --loss reverse_kl --student-hidden-size 48
 
 Writes ``runs/<name>/`` with the teacher (``sft/``), ``teacher_samples*.jsonl``,
 ``distill/`` and ``student_sft/`` stages, ``plots/distill.png`` and ``summary.md``.
@@ -22,10 +22,12 @@ from experiments import _common as common
 from experiments._cli import main
 from experiments._world import MAX_PROMPT, WorldConfig, prepare, train_sft
 from rlhf_jax.data import Tokenizer
+from rlhf_jax.fileio import atomic_write
 from rlhf_jax.parallel import parse_mesh
-from rlhf_jax.pipelines import ModelSpec, distill
-from rlhf_jax.pipelines.common import evaluate, fixed_batches, load_model, load_sft_batch
-from rlhf_jax.train import LoopConfig, OptimizerConfig, plots
+from rlhf_jax.pipelines import DataConfig, ModelSpec, distill
+from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch
+from rlhf_jax.pipelines.setup import load_model
+from rlhf_jax.train import LoopConfig, OptimizerConfig, evaluate, plots
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,26 +66,22 @@ def _write_teacher_samples(teacher_dir: str, tok: str, prompts: str, out: str, c
                                       max_prompt_length=MAX_PROMPT,
                                       max_new_tokens=cfg.max_new_tokens,
                                       temperature=cfg.temperature, seed=seed)
-    with open(out, "w", encoding="utf-8") as f:
-        for row, ts in zip(rows, texts):
-            for t in ts:
-                if t.strip():
-                    f.write(json.dumps({"prompt": row["prompt"], "completion": t}) + "\n")
+    atomic_write(out, "".join(json.dumps({"prompt": row["prompt"], "completion": t}) + "\n"
+                              for row, ts in zip(rows, texts) for t in ts if t.strip()))
     return out
 
 
 def teacher_kl(student_dir: str, teacher_dir: str, tok_dir: str, data: str, cfg: Config) -> dict:
     """Token-mean forward KL(teacher || student) and reverse KL on ``data`` (exact means)."""
     tok = Tokenizer.load(tok_dir)
-    spec = distill.DistillConfig(train_data=data, tokenizer=tok_dir, max_length=48,
-                                 teacher=ModelSpec(path=teacher_dir))
-    batch = load_sft_batch(data, spec, tok)
+    batch = load_sft_batch(data, DataConfig(train=data, max_length=48), tok)
     v = tok.vocab_size
     student, sp = load_model(ModelSpec(path=student_dir), heads=("lm",), vocab_size=v, seed=0)
     teacher, tp = load_model(ModelSpec(path=teacher_dir), heads=("lm",), vocab_size=v, seed=0)
     out = {}
     for loss in ("forward_kl", "reverse_kl"):
-        fn = distill.make_distill_loss(student, teacher, dataclasses.replace(spec, loss=loss))
+        fn = distill.make_distill_loss(student, teacher,
+                                       distill.DistillAlgorithmConfig(loss=loss))
         step = jax.jit(lambda p, b, k, fn=fn: fn(p, b, k, tp))
         out[loss] = evaluate(step, sp, fixed_batches(batch, 32), jax.random.PRNGKey(0))["loss"]
     return out
@@ -98,15 +96,16 @@ def run(cfg: Config) -> dict:
     held = write_teacher_samples(teacher, tok, paths["eval_prompts"],
                                  os.path.join(run_dir, "teacher_samples_eval.jsonl"), cfg,
                                  cfg.seed + 1)
-    opt = OptimizerConfig(
-            learning_rate=cfg.student_lr, warmup_steps=min(20, cfg.student_steps // 10),
-            total_steps=cfg.student_steps)
+    opt = OptimizerConfig(learning_rate=cfg.student_lr,
+                          warmup_steps=min(20, cfg.student_steps // 10))
     loop = LoopConfig(total_steps=cfg.student_steps, log_every=10,
                       eval_every=max(cfg.student_steps // 5, 1), save_every=cfg.student_steps)
     dist = timer("distill", distill.run, distill.DistillConfig(
-        train_data=train, eval_data=held, tokenizer=tok, teacher=ModelSpec(path=teacher),
-        student=_student(cfg), output_dir=os.path.join(run_dir, "distill"), loss=cfg.loss,
-        max_length=48, batch_size=cfg.student_batch_size, optimizer=opt, loop=loop,
+        data=DataConfig(train=train, eval=held, max_length=48,
+                        batch_size=cfg.student_batch_size),
+        tokenizer=tok, teacher=ModelSpec(path=teacher), student=_student(cfg),
+        output_dir=os.path.join(run_dir, "distill"),
+        algorithm=distill.DistillAlgorithmConfig(loss=cfg.loss), optimizer=opt, loop=loop,
         seed=cfg.seed, mesh=parse_mesh(cfg.mesh)))
     small = dataclasses.replace(cfg, sft_steps=cfg.student_steps, sft_lr=cfg.student_lr,
                                 sft_batch_size=cfg.student_batch_size)

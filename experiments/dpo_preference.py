@@ -2,7 +2,7 @@
 fine-tuning on the annotators' pairs, then the gold win rate of the DPO policy over SFT.
 
     python -m experiments.dpo_preference
-    python -m experiments.dpo_preference loss=ipo beta=0.5 name=ipo
+    python -m experiments.dpo_preference --loss ipo --beta 0.5 --name ipo
 
 Writes ``runs/<name>/`` (data, tokenizer, ``sft/``, ``dpo/``, ``plots/``, ``summary.md``).
 """
@@ -17,7 +17,7 @@ from experiments._cli import main
 from experiments._world import MAX_PROMPT, WorldConfig, policy_report, prepare, train_sft
 from experiments.tasks import preference_world as world
 from rlhf_jax.parallel import parse_mesh
-from rlhf_jax.pipelines import ModelSpec, dpo
+from rlhf_jax.pipelines import DataConfig, ModelSpec, dpo
 from rlhf_jax.train import LoopConfig, OptimizerConfig, plots
 
 
@@ -39,14 +39,15 @@ def get_config() -> Config:
 def train_dpo(cfg: Config, run_dir: str, paths: dict, tok: str, sft_dir: str, *,
               beta: float | None = None, stage: str = "dpo") -> dict:
     return common.completed(dpo.run(dpo.DPOConfig(
-        train_data=paths["preference"], eval_data=paths["preference_eval"], tokenizer=tok,
-        policy=ModelSpec(path=sft_dir), output_dir=os.path.join(run_dir, stage),
-        loss=cfg.loss, beta=cfg.beta if beta is None else beta,
-        max_prompt_length=MAX_PROMPT, max_length=56, batch_size=cfg.dpo_batch_size,
+        data=DataConfig(train=paths["preference"], eval=paths["preference_eval"],
+                        max_prompt_length=MAX_PROMPT, max_length=56,
+                        batch_size=cfg.dpo_batch_size, on_overflow="truncate"),
+        tokenizer=tok, policy=ModelSpec(path=sft_dir), output_dir=os.path.join(run_dir, stage),
+        algorithm=dpo.DPOAlgorithmConfig(loss=cfg.loss,
+                                         beta=cfg.beta if beta is None else beta),
         seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
         optimizer=OptimizerConfig(
-            learning_rate=cfg.dpo_lr, warmup_steps=min(10, cfg.dpo_steps // 10),
-            total_steps=cfg.dpo_steps),
+            learning_rate=cfg.dpo_lr, warmup_steps=min(10, cfg.dpo_steps // 10)),
         loop=LoopConfig(total_steps=cfg.dpo_steps, log_every=10,
                         eval_every=max(cfg.dpo_steps // 4, 1), save_every=cfg.dpo_steps))))
 

@@ -3,8 +3,8 @@ GRPO-family variant rewarded by an exact-match verifier; exact match before and 
 sampled, on held-out problems and on training prompts.
 
     python -m experiments.grpo_arithmetic
-    python -m experiments.grpo_arithmetic variant=grpo name=grpo
-    python -m experiments.grpo_arithmetic variant=dapo grpo_steps=150
+    python -m experiments.grpo_arithmetic --variant grpo --name grpo
+    python -m experiments.grpo_arithmetic --variant dapo --grpo-steps 150
 
 Variants: see ``rlhf_jax.pipelines.grpo.VARIANTS``. Writes ``runs/<name>/`` with the data,
 tokenizer, ``sft/`` and ``grpo/`` stages, ``plots/grpo.png`` and ``summary.md``.
@@ -21,8 +21,10 @@ import numpy as np
 from experiments import _common as common
 from experiments._cli import main
 from experiments.tasks import arithmetic
+from rlhf_jax.fileio import atomic_write
 from rlhf_jax.parallel import is_main_process, parse_mesh
-from rlhf_jax.pipelines import ModelSpec, grpo, sft
+from rlhf_jax.pipelines import (DataConfig, GenerationConfig, KLConfig, ModelSpec, grpo,
+                                sft)
 from rlhf_jax.rewards import exact_match, exact_match_reward
 from rlhf_jax.train import LoopConfig, OptimizerConfig, plots
 
@@ -86,9 +88,8 @@ def run(cfg: Config) -> dict:
                                          n_eval=cfg.n_eval, wrong_fraction=cfg.wrong_fraction,
                                          max_operand=cfg.max_operand)
         seen = os.path.join(run_dir, "data", "train_prompts_subset.jsonl")
-        with open(data["paths"]["train_prompts"], encoding="utf-8") as src, \
-                open(seen, "w", encoding="utf-8") as dst:
-            dst.writelines(src.readlines()[:cfg.n_eval])
+        with open(data["paths"]["train_prompts"], encoding="utf-8") as src:
+            atomic_write(seen, "".join(src.readlines()[:cfg.n_eval]))
         corpus = arithmetic.corpus(cfg.seed, max_operand=cfg.max_operand)
         return data, common.tokenizer_for(run_dir, corpus, vocab_size=cfg.vocab_size)
 
@@ -96,12 +97,13 @@ def run(cfg: Config) -> dict:
     paths = data["paths"]
     arch = common.model_overrides(cfg)
     sft_res = timer("sft", sft.run, sft.SFTConfig(
-        train_data=paths["sft"], tokenizer=tok, output_dir=os.path.join(run_dir, "sft"),
-        model=ModelSpec(preset="toy-1m", overrides=arch), max_length=32, packing=True,
-        batch_size=32, seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
+        data=DataConfig(train=paths["sft"], max_length=32, packing=True, batch_size=32),
+        tokenizer=tok, output_dir=os.path.join(run_dir, "sft"),
+        model=ModelSpec(preset="toy-1m", overrides=arch), seed=cfg.seed,
+        mesh=parse_mesh(cfg.mesh),
         optimizer=OptimizerConfig(
             learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
-            total_steps=cfg.sft_steps, weight_decay=0.01),
+            weight_decay=0.01),
         loop=LoopConfig(total_steps=cfg.sft_steps, log_every=20, save_every=cfg.sft_steps)))
     seen = os.path.join(run_dir, "data", "train_prompts_subset.jsonl")
 
@@ -117,14 +119,15 @@ def run(cfg: Config) -> dict:
 
     before = rates(sft_res["model_dir"])
     grpo_res = timer("grpo", grpo.run, grpo.GRPOConfig(
-        prompts=paths["train_prompts"], eval_prompts=paths["eval_prompts"], tokenizer=tok,
-        policy=ModelSpec(path=sft_res["model_dir"]), variant=cfg.variant,
-        output_dir=os.path.join(run_dir, "grpo"), max_prompt_length=MAX_PROMPT,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        prompts_per_step=cfg.prompts_per_step, group_size=cfg.group_size, kl_coef=cfg.kl_coef,
-        seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
-        optimizer=OptimizerConfig(learning_rate=cfg.grpo_lr, schedule="constant",
-                                  total_steps=cfg.grpo_steps),
+        data=DataConfig(train=paths["train_prompts"], eval=paths["eval_prompts"],
+                        max_prompt_length=MAX_PROMPT, batch_size=cfg.prompts_per_step),
+        tokenizer=tok, policy=ModelSpec(path=sft_res["model_dir"]),
+        algorithm=grpo.GRPOAlgorithmConfig(variant=cfg.variant, group_size=cfg.group_size),
+        output_dir=os.path.join(run_dir, "grpo"),
+        sampling=GenerationConfig(max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature),
+        kl=KLConfig(coef=cfg.kl_coef), seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
+        optimizer=OptimizerConfig(learning_rate=cfg.grpo_lr, schedule="constant"),
         loop=LoopConfig(total_steps=cfg.grpo_steps, log_every=5, eval_every=cfg.eval_every,
                         save_every=cfg.grpo_steps)),
         reward_fns={"exact_match": exact_match_reward})
@@ -136,13 +139,12 @@ def run(cfg: Config) -> dict:
     plots.plot_curves(g, ["rewards/exact_match", "response_length", "kept_frac"],
                       os.path.join(run_dir, "plots", "grpo_train.png"), split="train",
                       title=f"{cfg.variant}: training rollouts")
-    plots.plot_curves(g, ["reward/exact_match"], os.path.join(run_dir, "plots", "grpo_eval.png"),
+    plots.plot_curves(g, ["rewards/exact_match"], os.path.join(run_dir, "plots", "grpo_eval.png"),
                       split="eval", title=f"{cfg.variant}: greedy exact match (eval)")
     if is_main_process():
-        with open(os.path.join(run_dir, "samples_after.jsonl"), "w", encoding="utf-8") as f:
-            for r, t in samples[:32]:
-                f.write(json.dumps({"prompt": r["prompt"], "completion": t[0],
-                                    "answer": r["answer"]}) + "\n")
+        atomic_write(os.path.join(run_dir, "samples_after.jsonl"), "".join(
+            json.dumps({"prompt": r["prompt"], "completion": t[0], "answer": r["answer"]}) + "\n"
+            for r, t in samples[:32]))
     outcome = {"variant": cfg.variant,
                "SFT data wrong-answer fraction": cfg.wrong_fraction}
     for k in before:

@@ -3,7 +3,7 @@ strengths, train each method from the same SFT model and plot gold reward agains
 KL(policy || SFT) on held-out prompts.
 
     python -m experiments.kl_frontier
-    python -m experiments.kl_frontier ppo_kl_coefs=0.3,0.1,0.03 dpo_betas=1.0,0.3,0.1
+    python -m experiments.kl_frontier --ppo-kl-coefs 0.3,0.1,0.03 --dpo-betas 1.0,0.3,0.1
 
 Writes ``plots/kl_frontier.png`` and ``summary.md`` (one row per run: method, strength, KL,
 gold reward, win rate over SFT).

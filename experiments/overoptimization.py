@@ -2,7 +2,7 @@
 against a learned proxy reward, for best-of-N sampling and for PPO with a weak KL penalty.
 
     python -m experiments.overoptimization
-    python -m experiments.overoptimization ppo_steps=200 kl_coef=0.0
+    python -m experiments.overoptimization --ppo-steps 200 --kl-coef 0.0
 
 The preference world's gold scorer punishes repetition and over-long answers, which its
 preference data almost never shows; the proxy reward model learns "more on-topic words is
@@ -52,21 +52,21 @@ def run(cfg: Config) -> dict:
           rm_res["model_dir"])
     rows = common.combine_metrics(run_dir, ("sft", "reward_model", "ppo"))
     ev = [r for r in rows if r["stage"] == "ppo" and r["split"] == "eval"]
-    kl = [r["kl_to_ref"] for r in ev]
-    plots.plot_xy({"PPO gold": (kl, [r["reward/gold"] for r in ev]),
-                   "PPO proxy": (kl, [r["reward/reward_model"] for r in ev]),
+    kl = [r["kl"] for r in ev]
+    plots.plot_xy({"PPO gold": (kl, [r["rewards/gold"] for r in ev]),
+                   "PPO proxy": (kl, [r["rewards/reward_model"] for r in ev]),
                    "best-of-N gold": ([p["kl_bound"] for p in bon], [p["gold"] for p in bon]),
                    "best-of-N proxy": ([p["kl_bound"] for p in bon], [p["proxy"] for p in bon])},
                   os.path.join(run_dir, "plots", "overoptimization.png"),
                   xlabel="KL(policy || SFT) per sequence", ylabel="reward",
                   title="Gold vs proxy reward as KL grows")
-    peak = max(ev, key=lambda r: r["reward/gold"])
+    peak = max(ev, key=lambda r: r["rewards/gold"])
     table = {"PPO eval points": len(ev),
-             "PPO gold at start / peak / end": f"{ev[0]['reward/gold']:.3f} / "
-             f"{peak['reward/gold']:.3f} / {ev[-1]['reward/gold']:.3f}",
-             "PPO KL at gold peak / end": f"{peak['kl_to_ref']:.2f} / {ev[-1]['kl_to_ref']:.2f}",
-             "PPO proxy at start / peak-gold / end": f"{ev[0]['reward/reward_model']:.3f} / "
-             f"{peak['reward/reward_model']:.3f} / {ev[-1]['reward/reward_model']:.3f}",
+             "PPO gold at start / peak / end": f"{ev[0]['rewards/gold']:.3f} / "
+             f"{peak['rewards/gold']:.3f} / {ev[-1]['rewards/gold']:.3f}",
+             "PPO KL at gold peak / end": f"{peak['kl']:.2f} / {ev[-1]['kl']:.2f}",
+             "PPO proxy at start / peak-gold / end": f"{ev[0]['rewards/reward_model']:.3f} / "
+             f"{peak['rewards/reward_model']:.3f} / {ev[-1]['rewards/reward_model']:.3f}",
              "PPO response length at end": ev[-1]["response_length"]}
     table |= {f"best-of-{p['n']} (KL<={p['kl_bound']:.2f})": f"gold {p['gold']:.3f}, proxy "
               f"{p['proxy']:.3f}" for p in bon}

@@ -1,9 +1,10 @@
 """Demo of the pure RLHF math on a toy batch: ``python -m experiments.pure_math_demo``.
 
-Until the pipelines land this is the main job. It draws a toy policy / old-policy / reference
-as random logits, samples completions, and runs every stage's loss on them, printing one table
-row per function (value = ``loss_sum / count`` plus a headline metric). Everything here is a
-pure function call: the same calls work in a notebook.
+The notebook view of ``rlhf_jax.losses`` (the main job is ``experiments.rlhf_pipeline``). It
+draws a toy policy / old-policy / reference as random logits, samples completions, and runs
+every stage's loss on them, printing one table row per function (value = ``loss_sum / count``
+plus a headline metric). Everything here is a pure function call: the same calls work in a
+notebook.
 
 Override fields on the command line: ``python -m experiments.pure_math_demo --seed 3 --batch 16``.
 """
@@ -85,7 +86,7 @@ def run(cfg: DemoConfig) -> list[tuple[str, float, str]]:
     rows = [
         row("sft_loss", L.sft_loss(logp, mask), "nll"),
         row("bradley_terry_loss", L.bradley_terry_loss(seq_logp[:half], seq_logp[half:]),
-            "accuracy"),
+            "rewards/accuracy"),
         row("ppo_policy_loss", L.ppo_policy_loss(logp, old_logp, adv, mask), "clip_frac"),
         row("value_loss", L.value_loss(values, values, returns, mask), "explained_variance"),
         row("entropy_bonus", L.entropy_bonus(entropy, mask, coef=0.01), "entropy"),
@@ -121,7 +122,8 @@ def run(cfg: DemoConfig) -> list[tuple[str, float, str]]:
     for name, value, metric, computed in rows:
         print(f"{name:<26}{value:>12.5f}  {metric} = {float(computed[metric]):.5f}")
         out.append((name, value, metric))
-    kl = {k: float(O.masked_mean(O.KL_ESTIMATORS[k](logp, ref_logp), mask)) for k in O.KL_ESTIMATORS}
+    kl = {k: float(O.masked_mean(O.KL_ESTIMATORS[k](logp, ref_logp), mask))
+          for k in O.KL_ESTIMATORS}
     print("KL(pi || pi_ref) estimators: " + ", ".join(f"{k}={v:.4f}" for k, v in kl.items()))
     print(f"exact token-mean KL(pi || pi_ref): "
           f"{float(O.masked_mean(O.kl_from_logits(logits, ref_logits), mask)):.4f}")

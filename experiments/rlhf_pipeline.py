@@ -1,7 +1,7 @@
 """The main job: SFT -> reward model -> PPO on the synthetic preference world, end to end.
 
     python -m experiments.rlhf_pipeline                 # defaults: a few minutes on 2 CPU cores
-    python -m experiments.rlhf_pipeline name=long ppo_steps=300 kl_coef=0.02
+    python -m experiments.rlhf_pipeline --name long --ppo-steps 300 --kl-coef 0.02
     python -m experiments.rlhf_pipeline --help          # every option
 
 Writes ``runs/<name>/``: ``experiment_config.json``; ``data/`` (the task's JSONL files) and
@@ -57,34 +57,34 @@ def run(cfg: Config) -> dict:
     ppo_rows = [r for r in metrics if r["stage"] == "ppo"]
     evals = [r for r in ppo_rows if r["split"] == "eval"]
     pdir = os.path.join(run_dir, "plots")
-    plots.plot_curves(ppo_rows, ["reward/reward_model", "reward/gold", "kl_to_ref"],
+    plots.plot_curves(ppo_rows, ["rewards/reward_model", "rewards/gold", "kl"],
                       os.path.join(pdir, "ppo_rewards_kl.png"), split="eval",
                       title="PPO on held-out prompts")
-    plots.plot_curves(ppo_rows, ["score", "kl", "entropy", "policy/clip_frac",
+    plots.plot_curves(ppo_rows, ["reward", "kl", "entropy", "policy/clip_frac",
                                  "value/explained_variance"],
                       os.path.join(pdir, "ppo_train.png"), split="train", title="PPO training")
-    plots.plot_xy({"PPO": ([r["kl_to_ref"] for r in evals], [r["reward/gold"] for r in evals])},
+    plots.plot_xy({"PPO": ([r["kl"] for r in evals], [r["rewards/gold"] for r in evals])},
                   os.path.join(pdir, "gold_vs_kl.png"), xlabel="KL(policy || SFT) per sequence",
                   ylabel="gold reward", title="Gold reward against KL")
     plots.plot_curves([r for r in metrics if r["stage"] == "sft"], ["loss"],
                       os.path.join(pdir, "sft_loss.png"), split="train", title="SFT")
     plots.plot_curves([r for r in metrics if r["stage"] == "reward_model"],
-                      ["loss", "accuracy"], os.path.join(pdir, "reward_model.png"),
+                      ["loss", "rewards/accuracy"], os.path.join(pdir, "reward_model.png"),
                       title="Reward model (train and eval)")
 
     first, last = evals[0], evals[-1]
     outcome = {
         "SFT final train loss": sft_res["train"]["loss"],
-        "RM held-out accuracy": rm_res["eval"]["accuracy"],
+        "RM held-out accuracy": rm_res["eval"]["rewards/accuracy"],
         "annotator agreement ceiling": stats["agreement_ceiling"],
         "gold reward, SFT policy (eval prompts)": common.mean_score(world.gold_score, rows,
                                                                     before),
         "gold reward, PPO policy (eval prompts)": common.mean_score(world.gold_score, rows,
                                                                     after),
         "PPO win rate vs SFT on gold": win,
-        "KL(PPO || SFT) per sequence": last["kl_to_ref"],
-        "proxy reward at first / last eval": f"{first['reward/reward_model']:.3f} / "
-                                             f"{last['reward/reward_model']:.3f}",
+        "KL(PPO || SFT) per sequence": last["kl"],
+        "proxy reward at first / last eval": f"{first['rewards/reward_model']:.3f} / "
+                                             f"{last['rewards/reward_model']:.3f}",
         "best attainable gold": stats["best_gold"],
     }
     times = {f"{k} (s)": round(v, 1) for k, v in timer.times.items()}

@@ -67,4 +67,99 @@ class PromptBatch(NamedTuple):
     mask: Bool[Array, "B P"]
 
 
-__all__ += ["TokenBatch", "PreferenceBatch", "PromptBatch"]
+class Rollout(NamedTuple):
+    """One on-policy batch (``train.onpolicy``): ``B = prompts x group_size`` sampled completions
+    and everything scored about them. Fields an algorithm does not use are None.
+
+    Layout as in ``models.scoring``: ``prompt`` left-padded, ``completion`` right-padded with
+    ``mask`` 1 up to and including the EOS; per-token arrays align with ``completion``.
+    """
+
+    prompt: Int[Array, "B P"]
+    prompt_mask: Bool[Array, "B P"]
+    completion: Int[Array, "B C"]
+    mask: Bool[Array, "B C"]
+    """Completion tokens, EOS included."""
+    truncated: Bool[Array, " B"]
+    """Rows that reached the length budget without an EOS."""
+    sampler_logp: Float[Array, "B C"]
+    """The sampler's log-probs of the completion tokens."""
+    old_logp: Float[Array, "B C"]
+    """The policy's log-probs at sampling time (the ratio's denominator); the sampler's when the
+    policy is not scored again (one update per rollout)."""
+    ref_logp: Float[Array, "B C"] | None = None
+    """Frozen reference log-probs (None without a KL leash)."""
+    values: Float[Array, "B C"] | None = None
+    """Critic values at sampling time (None without a critic)."""
+    entropy: Float[Array, "B C"] | None = None
+    """The sampling policy's token entropy (None unless logged)."""
+    rewards: Float[Array, " B"] | None = None
+    """Scalar reward per completion (filled in by the update)."""
+    advantages: Float[Array, "B C"] | Float[Array, " B"] | None = None
+    returns: Float[Array, "B C"] | None = None
+    live: Bool[Array, " B"] | None = None
+    """Rows that count in the loss (dynamic sampling and overlong filters drop the others)."""
+
+
+__all__ += ["TokenBatch", "PreferenceBatch", "PromptBatch", "Rollout"]
+
+
+# --- the metric glossary -------------------------------------------------------------------
+
+METRICS: dict[str, str] = {
+    # every trained stage (the step and the loop)
+    "loss": "the objective, divided once by its count over the whole batch (train and eval)",
+    "grad_norm": "global gradient norm before clipping (mean over minibatches for RL)",
+    "learning_rate": "the schedule's value at the step",
+    "count": "the loss's denominator (tokens, sequences or pairs) in the step",
+    "update_skipped": "optimizer updates skipped as non-finite (params left unchanged)",
+    "tokens_per_s": "attended tokens per second since the previous log row",
+    # SFT, distillation, ORPO
+    "nll": "masked next-token negative log-likelihood (token mean)",
+    "forward_kl": "KL(teacher || student), token mean", "reverse_kl": "KL(student || teacher)",
+    "jsd": "generalised Jensen-Shannon divergence to the teacher, token mean",
+    "log_odds_ratio": "ORPO: log odds(chosen) - log odds(rejected)",
+    "odds_ratio_loss": "ORPO: the odds-ratio term of the loss",
+    # preference pairs (reward model, DPO family)
+    "rewards/accuracy": "pairs whose chosen reward (RM score or DPO implicit reward) is higher",
+    "rewards/chosen": "mean reward of the chosen responses",
+    "rewards/rejected": "mean reward of the rejected responses",
+    "rewards/margin": "mean reward(chosen) - reward(rejected)",
+    "rewards/mean": "reward model: mean reward over both sides (eval)",
+    "rewards/std": "reward model: std of the rewards over both sides (eval)",
+    # on-policy rollouts (PPO, GRPO family) and their evaluation
+    "reward": "mean scalar reward per completion: weighted reward functions + reward model - "
+              "missing-EOS penalty (before any KL)",
+    "reward_std": "std of the scalar reward over the rollout",
+    "reward_group_std": "GRPO: mean over groups of the reward std within a group",
+    "rewards/<name>": "mean of one reward component: a reward function by name, "
+                      "``reward_model``, or an evaluation scorer (e.g. ``gold``)",
+    "kl": "KL(policy || reference) per sequence, k1 estimate, mean over completions",
+    "kl_coef": "PPO: the KL coefficient beta of the step (the controller's state)",
+    "non_score_reward": "PPO: -beta x kl, the KL part of the per-token reward",
+    "entropy": "mean token entropy of the sampling policy",
+    "response_length": "mean completion tokens (EOS included)",
+    "truncated_frac": "completions that hit the length budget without EOS",
+    "kept_frac": "completions in the loss (dynamic sampling, overlong filter)",
+    "logprob_diff_sampler_trainer": "mean |sampler log-prob - trainer log-prob| per token",
+    "policy_loss": "PPO: clipped surrogate part of the loss",
+    "value_loss": "PPO: clipped value part of the loss",
+    "policy/<name>": "the policy loss's statistics under the updated params: clip_frac, "
+                     "clip_frac_low, clip_frac_high, dual_clip_frac, approx_kl, ratio_mean, "
+                     "ratio_max, ratio_min, kl (the KL estimator in the loss), entropy",
+    "value/<name>": "the value loss's statistics: values, returns, explained_variance, "
+                    "value_clip_frac",
+}
+"""Every metric name a pipeline logs (train and eval rows alike), with its meaning; ``<name>``
+entries are families. Experiments and plots read these names."""
+
+
+def is_glossary_metric(name: str) -> bool:
+    """``name`` is in ``METRICS`` or in one of its ``prefix/<name>`` families."""
+    if name in METRICS:
+        return True
+    prefix = name.split("/", 1)[0]
+    return "/" in name and f"{prefix}/<name>" in METRICS
+
+
+__all__ += ["METRICS", "is_glossary_metric"]

@@ -37,9 +37,10 @@ def _finite_metrics(path):
 
 
 def test_main_job_writes_every_artifact(tmp_path):
-    args = [f"{k}={v}" for k, v in (TINY_WORLD | TINY_PPO).items()]
-    proc = subprocess.run([sys.executable, "-m", "experiments.rlhf_pipeline", "name=smoke",
-                           f"runs_root={tmp_path}", "win_rate_samples=1", *args], cwd=ROOT,
+    args = [a for k, v in (TINY_WORLD | TINY_PPO).items() for a in (f"--{k}", str(v))]
+    proc = subprocess.run([sys.executable, "-m", "experiments.rlhf_pipeline", "--name", "smoke",
+                           "--runs-root", str(tmp_path), "--win-rate-samples", "1", *args],
+                          cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "smoke"
@@ -58,8 +59,8 @@ def test_main_job_writes_every_artifact(tmp_path):
     assert {r["stage"] for r in rows} == {"sft", "reward_model", "ppo"}
     evals = [r for r in rows if r["stage"] == "ppo" and r["split"] == "eval"]
     assert [r["step"] for r in evals] == [0, 1, 2]  # baseline, then every step
-    assert evals[0]["kl_to_ref"] == 0.0  # the step-0 policy is the reference
-    assert "reward/gold" in evals[-1]
+    assert evals[0]["kl"] == 0.0  # the step-0 policy is the reference
+    assert "rewards/gold" in evals[-1]
     summary = (run / "summary.md").read_text()
     assert "PPO win rate vs SFT on gold" in summary and "RM held-out accuracy" in summary
     assert "train" in proc.stderr  # the progress bar
@@ -126,7 +127,22 @@ def test_cli_help_lists_options(module):
     proc = subprocess.run([sys.executable, "-m", f"experiments.{module}", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "runs_root=" in proc.stdout and "seed=" in proc.stdout
+    assert "--runs-root" in proc.stdout and "--seed" in proc.stdout
+
+
+def test_cli_rejects_unknown_and_badly_typed_options(tmp_path):
+    """tyro parses each value by its field's type: a typo or a wrong type stops before any
+    work, naming the option."""
+    from experiments import _cli, rlhf_pipeline
+
+    base = rlhf_pipeline.get_config()
+    cfg = _cli.parse(base, ["--ppo-steps", "7", "--kl_coef", "0.5", "--mesh", "none"])
+    assert (cfg.ppo_steps, cfg.kl_coef, cfg.mesh) == (7, 0.5, "none")
+    assert dataclasses.replace(cfg, ppo_steps=base.ppo_steps, kl_coef=base.kl_coef,
+                               mesh=base.mesh) == base
+    for argv in (["--ppo-step", "7"], ["--ppo-steps", "seven"]):
+        with pytest.raises(SystemExit):
+            _cli.parse(base, argv)
 
 
 def test_a_stage_stopped_by_sigterm_ends_the_chain():

@@ -71,3 +71,34 @@ def test_demo_main_job_runs(tmp_path):
     for name in ("dpo_loss", "ppo_policy_loss", "grpo_loss (Dr.GRPO)", "jsd_distill_loss"):
         assert name in proc.stdout
     assert "nan" not in proc.stdout.lower()
+
+
+def test_pipeline_example_runs(tmp_path):
+    """The README's Python pipeline example, on a tiny checkpoint, tokenizer and dataset made
+    here (paths substituted, the run shortened to 12 steps of 64-token rows)."""
+    import json
+
+    from rlhf_jax.data import train_bpe_tokenizer
+    from rlhf_jax.models import get_preset, init_model, save_hf_checkpoint
+
+    rows = [{"prompt": f"Say {w}.", "completion": f" {w} {w}."} for w in
+            ("sea", "sun", "tree", "bird", "rain", "snow", "wind", "moon")]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_bpe_tokenizer([r["prompt"] + r["completion"] for r in rows] * 4, vocab_size=300)
+    tok.save(str(tmp_path / "tok"))
+    model, params = init_model(get_preset("toy-1m", vocab_size=tok.vocab_size, heads=("lm",),
+                                          hidden_size=32, intermediate_size=64, num_layers=1,
+                                          num_heads=2, num_kv_heads=1),
+                               __import__("jax").random.PRNGKey(0))
+    save_hf_checkpoint(str(tmp_path / "ckpt"), model.config, params)
+    code = _block("pipeline-example", "python")
+    for old, new in (("train.jsonl", tmp_path / "train.jsonl"), ("path/to/tokenizer_dir",
+                     tmp_path / "tok"), ("path/to/hf_checkpoint", tmp_path / "ckpt"),
+                     ("runs/my_sft", tmp_path / "run"), ("total_steps=1000", "total_steps=12"),
+                     ("max_length=1024", "max_length=64")):
+        assert str(old) in code, old
+        code = code.replace(str(old), str(new))
+    code += "\nassert result['complete'] and result['steps'] == 12, result\n"
+    proc = _run_python(code, tmp_path, pure=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "config.json").is_file()

@@ -11,6 +11,7 @@ from rlhf_jax.data.batching import (
     preference_batch,
     prompt_batch,
 )
+from rlhf_jax.data.decode import decode_completions
 from rlhf_jax.data.encode import (
     ON_OVERFLOW,
     Encoded,
@@ -39,6 +40,7 @@ __all__ = [
     "FORMATS",
     "ON_OVERFLOW",
     "Tokenizer",
+    "decode_completions",
     "detect_format",
     "encode_preference",
     "encode_prompts",

@@ -12,12 +12,19 @@ distill         DistillConfig          student matches the teacher's token distr
 best_of_n       BestOfNConfig          sample N, keep the reward model's best as SFT data
 ==============  =====================  ==================================================
 
+The configs compose the blocks of ``pipelines.config`` (re-exported here). The supervised
+stages share ``pipelines.supervised`` (``train.supervised.fit``); PPO and the GRPO family are
+algorithm definitions run by ``pipelines.onpolicy`` on ``train.OnPolicyEngine``.
+
 Import a stage's module for its ``run`` (``from rlhf_jax.pipelines import sft``); importing
 this package loads none of them.
 """
 
-from rlhf_jax.pipelines.common import ModelSpec
+from rlhf_jax.parallel import MeshConfig
+from rlhf_jax.pipelines.config import (DataConfig, GenerationConfig, KLConfig, ModelSpec,
+                                       OnPolicyConfig, RewardConfig, SupervisedConfig)
+from rlhf_jax.train import LoggingConfig, LoopConfig, OptimizerConfig
 
-STAGES = ("sft", "reward_model", "ppo", "grpo", "dpo", "distill", "best_of_n")
-
-__all__ = ["ModelSpec", "STAGES"]
+__all__ = ["DataConfig", "GenerationConfig", "KLConfig", "LoggingConfig", "LoopConfig",
+           "MeshConfig", "ModelSpec", "OnPolicyConfig", "OptimizerConfig", "RewardConfig",
+           "SupervisedConfig"]

@@ -18,62 +18,62 @@ import jax
 from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import DISTILL_LOSSES
 from rlhf_jax.models import token_batch_logits
-from rlhf_jax.parallel import MeshConfig
-from rlhf_jax.pipelines.common import (ModelSpec, fit, fixed_batches, load_model,
-                                       load_sft_batch, make_mesh, model_shardings,
-                                       prepare_run_dir)
-from rlhf_jax.train import LoopConfig, OptimizerConfig
+from rlhf_jax.ops import AGGREGATIONS
+from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConfig
+from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch
+from rlhf_jax.pipelines.run_dir import prepare_run_dir
+from rlhf_jax.pipelines.setup import load_model, make_mesh, model_shardings
+from rlhf_jax.pipelines.supervised import run_supervised
+from rlhf_jax.train.supervised import SupervisedTask
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DistillConfig:
-    """Student <- teacher distillation on JSONL prompt/completion or messages data."""
+class DistillAlgorithmConfig:
+    """Which divergence, and its settings."""
 
-    train_data: str
-    tokenizer: str
-    teacher: ModelSpec
-    student: ModelSpec = ModelSpec()
-    output_dir: str = "runs/distill"
-    eval_data: str | None = None
     loss: str = "forward_kl"
-    """A key of ``losses.DISTILL_LOSSES``."""
+    """A key of ``losses.DISTILL_LOSSES``: forward_kl, reverse_kl, jsd."""
     temperature: float = 1.0
+    """Softmax temperature of both distributions."""
     jsd_beta: float = 0.5
-    max_length: int = 64
-    packing: bool = False
-    batch_size: int = 32
-    micro_batches: int = 1
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, warmup_steps=10,
-                                                 total_steps=200)
-    loop: LoopConfig = LoopConfig(total_steps=200, log_every=10, eval_every=100,
-                                  save_every=100)
+    """The generalised JSD's interpolation weight (``jsd`` only)."""
     aggregation: str = "token_mean"
-    on_overflow: str = "error"
-    skip_invalid: bool = False
-    mesh: MeshConfig | None = MeshConfig()
-    """Devices per ``data``/``fsdp``/``tensor`` axis (``parallel.MeshConfig``; default: every
-    device data-parallel); None runs on one device. Not part of the run's identity: a run
-    resumes on another mesh."""
-    seed: int = 0
+    """How token losses become the batch loss: a key of ``ops.AGGREGATIONS``."""
 
     def __post_init__(self):
         if self.loss not in DISTILL_LOSSES:
-            raise ValueError(f"loss must be one of {sorted(DISTILL_LOSSES)}, got {self.loss!r}")
-        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by micro_batches "
-                             f"{self.micro_batches}")
+            raise ValueError(f"algorithm.loss must be one of {sorted(DISTILL_LOSSES)}, got "
+                             f"{self.loss!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"algorithm.aggregation must be one of {sorted(AGGREGATIONS)}")
+        if not self.temperature > 0:
+            raise ValueError(f"algorithm.temperature must be > 0, got {self.temperature}")
 
 
-def make_distill_loss(student, teacher, cfg: DistillConfig):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistillConfig(SupervisedConfig):
+    """Student <- teacher distillation on JSONL prompt/completion or messages data."""
+
+    teacher: ModelSpec
+    """The frozen teacher."""
+    student: ModelSpec = ModelSpec()
+    """The student to train (a preset initialised fresh, or a checkpoint)."""
+    algorithm: DistillAlgorithmConfig = DistillAlgorithmConfig()
+    """The divergence."""
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, warmup_steps=10)
+    """AdamW and its learning-rate schedule (its length is ``loop.total_steps``)."""
+
+
+def make_distill_loss(student, teacher, algorithm: DistillAlgorithmConfig):
     """``loss_fn(params, TokenBatch, key, teacher_params)`` for ``make_train_step(frozen=...)``."""
-    fn = DISTILL_LOSSES[cfg.loss]
-    extra = {"beta": cfg.jsd_beta} if cfg.loss == "jsd" else {}
+    fn = DISTILL_LOSSES[algorithm.loss]
+    extra = {"beta": algorithm.jsd_beta} if algorithm.loss == "jsd" else {}
 
     def loss_fn(params, batch, key, teacher_params):
         s = token_batch_logits(student, params, batch)[:, :-1]
         t = jax.lax.stop_gradient(token_batch_logits(teacher, teacher_params, batch)[:, :-1])
-        return fn(s, t, batch.loss_mask[:, 1:], temperature=cfg.temperature,
-                  aggregation=cfg.aggregation, **extra)
+        return fn(s, t, batch.loss_mask[:, 1:], temperature=algorithm.temperature,
+                  aggregation=algorithm.aggregation, **extra)
 
     return loss_fn
 
@@ -82,20 +82,22 @@ def run(cfg: DistillConfig) -> dict:
     """Distil the teacher into the student; returns final metrics and paths."""
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
     tokenizer = Tokenizer.load(cfg.tokenizer)
-    train = load_sft_batch(cfg.train_data, cfg, tokenizer)
-    evals = load_sft_batch(cfg.eval_data, cfg, tokenizer) if cfg.eval_data else None
+    train = load_sft_batch(cfg.data.train, cfg.data, tokenizer)
+    evals = load_sft_batch(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else None
     # Every data and config check before the models are built or anything compiled.
-    data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
-    batches = fixed_batches(evals, cfg.batch_size) if evals is not None else None
-    mesh = make_mesh(cfg.mesh, cfg.batch_size)
+    data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed)
+    batches = fixed_batches(evals, cfg.data.batch_size) if evals is not None else None
+    mesh = make_mesh(cfg.mesh, cfg.data.batch_size)
     v = tokenizer.vocab_size
     teacher, teacher_params = load_model(cfg.teacher, heads=("lm",), vocab_size=v, seed=cfg.seed)
     student, params = load_model(cfg.student, heads=("lm",), vocab_size=v, seed=cfg.seed + 1)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"teacher vocab {teacher.config.vocab_size} != student vocab "
                          f"{student.config.vocab_size}: distillation needs a shared tokenizer")
-    return fit(cfg, run_dir=run_dir, tokenizer=tokenizer, model=student, params=params,
-               loss_fn=make_distill_loss(student, teacher, cfg), data=data,
-               eval_batches=batches, mesh=mesh, postfix=("loss",), frozen=teacher_params,
-               frozen_shardings=model_shardings(mesh, teacher.config, teacher_params),
-               tokens_in=lambda b: int(b.attention_mask.sum()))
+    task = SupervisedTask(
+        loss_fn=make_distill_loss(student, teacher, cfg.algorithm), data=data,
+        eval_batches=batches, frozen=teacher_params,
+        frozen_shardings=model_shardings(mesh, teacher.config, teacher_params),
+        tokens_in=lambda b: int(b.attention_mask.sum()))
+    return run_supervised(cfg, task, run_dir=run_dir, model=student, params=params,
+                          tokenizer=tokenizer, mesh=mesh)

@@ -20,92 +20,114 @@ import numpy as np
 from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
 from rlhf_jax.models import sequence_logprob_sums
-from rlhf_jax.parallel import MeshConfig, batch_sharding, fetch
-from rlhf_jax.pipelines.common import (ModelSpec, fit, fixed_batches, load_model, load_pairs,
-                                       make_mesh, model_shardings, place,
-                                       prepare_run_dir)
-from rlhf_jax.train import LoopConfig, OptimizerConfig
+from rlhf_jax.parallel import batch_sharding, fetch
+from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConfig
+from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs
+from rlhf_jax.pipelines.run_dir import prepare_run_dir
+from rlhf_jax.pipelines.setup import load_model, make_mesh, model_shardings, place
+from rlhf_jax.pipelines.supervised import run_supervised
+from rlhf_jax.train.supervised import SupervisedTask
 
 LOSSES = {**DPO_LOSSES, **REFERENCE_FREE_LOSSES}
 """Loss name -> pure loss function."""
 
-_HYPER = {"sigmoid": ("beta",), "ipo": ("beta",), "cdpo": ("beta", "label_smoothing"),
-          "robust": ("beta", "label_smoothing"), "simpo": ("beta", "gamma"), "orpo": ("lam",)}
-"""Which config fields each loss takes as its keyword hyperparameters."""
+HYPERPARAMETERS = {"sigmoid": {"beta": "beta"}, "ipo": {"beta": "beta"},
+                   "cdpo": {"beta": "beta", "label_smoothing": "label_smoothing"},
+                   "robust": {"beta": "beta", "label_smoothing": "label_smoothing"},
+                   "simpo": {"beta": "beta", "gamma": "simpo_margin"},
+                   "orpo": {"lam": "orpo_weight"}}
+"""Loss name -> {the loss's keyword: the ``DPOAlgorithmConfig`` field that supplies it}."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPOConfig:
-    """Preference fine-tuning on JSONL ``prompt``/``chosen``/``rejected`` pairs."""
+class DPOAlgorithmConfig:
+    """Which preference loss, and its hyperparameters."""
 
-    train_data: str
-    tokenizer: str
-    policy: ModelSpec
-    """Usually the SFT model; also the reference unless ``reference`` is given."""
-    reference: ModelSpec | None = None
-    output_dir: str = "runs/dpo"
-    eval_data: str | None = None
     loss: str = "sigmoid"
     """A key of ``LOSSES``: sigmoid (DPO), cdpo, robust, ipo, simpo, orpo."""
     beta: float = 0.1
+    """Inverse temperature of the implicit reward (all but ORPO)."""
     label_smoothing: float = 0.1
-    gamma: float = 0.5
-    """SimPO's target margin."""
-    lam: float = 0.1
-    """ORPO's odds-ratio weight."""
-    max_prompt_length: int = 24
-    max_length: int = 48
-    batch_size: int = 32
-    micro_batches: int = 1
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=10,
-                                                 total_steps=200)
-    loop: LoopConfig = LoopConfig(total_steps=200, log_every=10, eval_every=100,
-                                  save_every=100)
-    on_overflow: str = "truncate"
-    skip_invalid: bool = False
-    mesh: MeshConfig | None = MeshConfig()
-    """Devices per ``data``/``fsdp``/``tensor`` axis (``parallel.MeshConfig``; default: every
-    device data-parallel); None runs on one device. Not part of the run's identity: a run
-    resumes on another mesh."""
-    seed: int = 0
+    """Assumed label-noise rate (cDPO, robust DPO)."""
+    simpo_margin: float = 0.5
+    """SimPO's target reward margin (gamma in the paper)."""
+    orpo_weight: float = 0.1
+    """ORPO's odds-ratio weight (lambda in the paper)."""
 
     def __post_init__(self):
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {self.loss!r}")
-        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by micro_batches "
-                             f"{self.micro_batches}")
+            raise ValueError(f"algorithm.loss must be one of {sorted(LOSSES)}, got "
+                             f"{self.loss!r}")
+        if "beta" in HYPERPARAMETERS[self.loss].values() and not self.beta > 0:
+            raise ValueError(f"algorithm.beta must be > 0, got {self.beta}")
+        top = 0.5 if self.loss == "cdpo" else 0.4999999  # robust DPO divides by 1 - 2e
+        if not 0 <= self.label_smoothing <= top:
+            raise ValueError(f"algorithm.label_smoothing must be in [0, 0.5"
+                             f"{']' if self.loss == 'cdpo' else ')'}, got "
+                             f"{self.label_smoothing}")
+
+    def hyperparameters(self) -> dict:
+        """The chosen loss's keyword arguments."""
+        return {kw: getattr(self, field) for kw, field in HYPERPARAMETERS[self.loss].items()}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOConfig(SupervisedConfig):
+    """Preference fine-tuning on JSONL ``prompt``/``chosen``/``rejected`` pairs."""
+
+    policy: ModelSpec
+    """Usually the SFT model; also the reference unless ``reference`` is given."""
+    reference: ModelSpec | None = None
+    """Frozen reference (default: the initial policy); unused by SimPO and ORPO."""
+    algorithm: DPOAlgorithmConfig = DPOAlgorithmConfig()
+    """The loss and its hyperparameters."""
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=10)
+    """AdamW and its learning-rate schedule (its length is ``loop.total_steps``)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.data.packing:
+            raise ValueError("data.packing is for SFT and distillation; preference pairs are "
+                             "never packed")
 
 
 def reference_logps(model, params, pairs, batch_size: int,
                     mesh=None) -> tuple[np.ndarray, np.ndarray]:
     """``log pi_ref(y_w | x)`` and ``log pi_ref(y_l | x)`` for every pair, in fixed batches
-    (the last partial batch padded by repetition and cut off). With ``mesh`` the reference is
-    placed by its family's sharding rules and each batch split over ``data x fsdp``."""
-    fn = jax.jit(lambda p, b: sequence_logprob_sums(model, p, b)[0])
+    (the last partial batch padded by repetition and cut off), chosen and rejected in one
+    forward pass exactly as the train step scores the policy: at step 1, where the policy is the
+    reference, the implicit reward margin is then exactly 0 on any mesh. With ``mesh`` the
+    reference is placed by its family's sharding rules and each batch split over
+    ``data x fsdp``."""
+    @jax.jit
+    def fn(p, pair):  # chosen and rejected in one batch, as the train step scores the policy
+        both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), pair.chosen, pair.rejected)
+        logps = sequence_logprob_sums(model, p, both)[0]
+        return logps[:batch_size], logps[batch_size:]
+
     params = place(params, model_shardings(mesh, model.config, params))
     rows = None if mesh is None else batch_sharding(mesh)
     n = pairs.chosen.tokens.shape[0]
     out_c, out_r = [], []
     for s in range(0, n, batch_size):
         idx = np.arange(s, s + batch_size) % n
-        sub = place(jax.tree.map(lambda x: np.asarray(x)[idx], pairs), rows)
-        out_c.append(fetch(fn(params, sub.chosen)))
-        out_r.append(fetch(fn(params, sub.rejected)))
+        c, r = fetch(fn(params, place(jax.tree.map(lambda x: np.asarray(x)[idx], pairs), rows)))
+        out_c.append(c)
+        out_r.append(r)
     return np.concatenate(out_c)[:n], np.concatenate(out_r)[:n]
 
 
-def make_dpo_loss(model, cfg: DPOConfig):
+def make_dpo_loss(model, algorithm: DPOAlgorithmConfig):
     """``loss_fn(params, (pairs, ref_chosen, ref_rejected), key)`` for the trainer."""
-    fn = LOSSES[cfg.loss]
-    hyper = {k: getattr(cfg, k) for k in _HYPER[cfg.loss]}
+    fn, hyper = LOSSES[algorithm.loss], algorithm.hyperparameters()
+    reference_free = algorithm.loss in REFERENCE_FREE_LOSSES
 
     def loss_fn(params, batch, key):
         pairs, ref_c, ref_r = batch
         both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), pairs.chosen, pairs.rejected)
         logps, lengths = sequence_logprob_sums(model, params, both)
         n = ref_c.shape[0]
-        if cfg.loss in REFERENCE_FREE_LOSSES:
+        if reference_free:
             return fn(logps[:n], logps[n:], lengths[:n], lengths[n:], **hyper)
         return fn(logps[:n], logps[n:], ref_c, ref_r, **hyper)
 
@@ -116,28 +138,30 @@ def run(cfg: DPOConfig) -> dict:
     """Train the policy on preferences; returns final metrics and paths."""
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
     tokenizer = Tokenizer.load(cfg.tokenizer)
-    train = load_pairs(cfg.train_data, cfg, tokenizer)
-    evals = load_pairs(cfg.eval_data, cfg, tokenizer) if cfg.eval_data else None
+    train = load_pairs(cfg.data.train, cfg.data, tokenizer)
+    evals = load_pairs(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else None
+    b = cfg.data.batch_size
     # Size checks before the models are built or anything compiled (the reference log-probs
     # travel with the data, so the iterator itself is built after them).
-    BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
+    BatchIterator(train, batch_size=b, seed=cfg.seed)
     if evals is not None:
-        fixed_batches(evals, cfg.batch_size)
-    mesh = make_mesh(cfg.mesh, cfg.batch_size)
+        fixed_batches(evals, b)
+    mesh = make_mesh(cfg.mesh, b)
     v = tokenizer.vocab_size
     model, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)
 
     def with_ref(pairs):
         n = pairs.chosen.tokens.shape[0]
-        if cfg.loss in REFERENCE_FREE_LOSSES:
+        if cfg.algorithm.loss in REFERENCE_FREE_LOSSES:
             return pairs, np.zeros(n, np.float32), np.zeros(n, np.float32)
         ref_model, ref_params = (model, params) if cfg.reference is None else load_model(
             cfg.reference, heads=("lm",), vocab_size=v, seed=cfg.seed)
-        return (pairs, *reference_logps(ref_model, ref_params, pairs, cfg.batch_size, mesh))
+        return (pairs, *reference_logps(ref_model, ref_params, pairs, b, mesh))
 
-    return fit(cfg, run_dir=run_dir, tokenizer=tokenizer, model=model, params=params,
-               loss_fn=make_dpo_loss(model, cfg),
-               data=BatchIterator(with_ref(train), batch_size=cfg.batch_size, seed=cfg.seed),
-               eval_batches=(fixed_batches(with_ref(evals), cfg.batch_size)
-                             if evals is not None else None),
-               mesh=mesh, postfix=("loss", "rewards/accuracy"))
+    task = SupervisedTask(
+        loss_fn=make_dpo_loss(model, cfg.algorithm),
+        data=BatchIterator(with_ref(train), batch_size=b, seed=cfg.seed),
+        eval_batches=fixed_batches(with_ref(evals), b) if evals is not None else None,
+        postfix=("loss", "rewards/accuracy"))
+    return run_supervised(cfg, task, run_dir=run_dir, model=model, params=params,
+                          tokenizer=tokenizer, mesh=mesh)

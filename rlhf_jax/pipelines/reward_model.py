@@ -19,49 +19,46 @@ from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.models import token_batch_rewards
 from rlhf_jax.ops.stats import Mean
-from rlhf_jax.parallel import MeshConfig
-from rlhf_jax.pipelines.common import (ModelSpec, fit, fixed_batches, load_model, load_pairs,
-                                       make_mesh, prepare_run_dir)
-from rlhf_jax.train import LoopConfig, OptimizerConfig
+from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConfig
+from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs
+from rlhf_jax.pipelines.run_dir import prepare_run_dir
+from rlhf_jax.pipelines.setup import load_model, make_mesh
+from rlhf_jax.pipelines.supervised import run_supervised
+from rlhf_jax.train.supervised import SupervisedTask
 from rlhf_jax.types import PreferenceBatch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RewardModelConfig:
-    """Bradley–Terry reward model on JSONL preference pairs."""
+class BradleyTerryConfig:
+    """The reward model's loss."""
 
-    train_data: str
-    """JSONL with ``prompt``, ``chosen``, ``rejected``."""
-    tokenizer: str
-    output_dir: str = "runs/reward_model"
-    eval_data: str | None = None
-    model: ModelSpec = ModelSpec()
-    """Usually the SFT model's directory (the reward head starts at zero)."""
-    max_prompt_length: int = 24
-    max_length: int = 48
-    batch_size: int = 32
-    """Pairs per step."""
-    micro_batches: int = 1
     margin: float | None = None
     """Constant margin subtracted from ``r_w - r_l`` (Llama 2 uses rating-dependent ones)."""
     center_coef: float = 0.0
     """Reward-centering penalty ``coef * (r_w + r_l)^2`` (Eisenstein et al. 2023)."""
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-4, warmup_steps=10,
-                                                 total_steps=200, weight_decay=0.0)
-    loop: LoopConfig = LoopConfig(total_steps=200, log_every=10, eval_every=100,
-                                  save_every=100)
-    on_overflow: str = "truncate"
-    skip_invalid: bool = False
-    mesh: MeshConfig | None = MeshConfig()
-    """Devices per ``data``/``fsdp``/``tensor`` axis (``parallel.MeshConfig``; default: every
-    device data-parallel); None runs on one device. Not part of the run's identity: a run
-    resumes on another mesh."""
-    seed: int = 0
 
     def __post_init__(self):
-        if self.micro_batches < 1 or self.batch_size % self.micro_batches:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by micro_batches "
-                             f"{self.micro_batches}")
+        if self.center_coef < 0:
+            raise ValueError(f"algorithm.center_coef must be >= 0, got {self.center_coef}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardModelConfig(SupervisedConfig):
+    """Bradley–Terry reward model on JSONL ``prompt``/``chosen``/``rejected`` pairs
+    (``data.batch_size`` pairs per step)."""
+
+    model: ModelSpec = ModelSpec()
+    """Usually the SFT model's directory (the reward head starts at zero)."""
+    algorithm: BradleyTerryConfig = BradleyTerryConfig()
+    """The loss."""
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-4, warmup_steps=10)
+    """AdamW and its learning-rate schedule (its length is ``loop.total_steps``)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.data.packing:
+            raise ValueError("data.packing is for SFT and distillation; preference pairs are "
+                             "never packed")
 
 
 def make_reward_loss(model, *, margin: float | None = None, center_coef: float = 0.0):
@@ -81,24 +78,26 @@ def make_reward_loss(model, *, margin: float | None = None, center_coef: float =
     return loss_fn
 
 
+def _with_std(out: dict) -> dict:
+    out["rewards/std"] = max(out.pop("rewards/sq") - out["rewards/mean"] ** 2, 0.0) ** 0.5
+    return out
+
+
 def run(cfg: RewardModelConfig) -> dict:
     """Train and export the reward model; returns final train/eval metrics and paths."""
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
     tokenizer = Tokenizer.load(cfg.tokenizer)
-    train = load_pairs(cfg.train_data, cfg, tokenizer)
-    evals = load_pairs(cfg.eval_data, cfg, tokenizer) if cfg.eval_data else None
+    train = load_pairs(cfg.data.train, cfg.data, tokenizer)
+    evals = load_pairs(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else None
     # Every data and config check before the model is built or anything compiled.
-    data = BatchIterator(train, batch_size=cfg.batch_size, seed=cfg.seed)
-    batches = fixed_batches(evals, cfg.batch_size) if evals is not None else None
-    mesh = make_mesh(cfg.mesh, cfg.batch_size)
+    data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed)
+    batches = fixed_batches(evals, cfg.data.batch_size) if evals is not None else None
+    mesh = make_mesh(cfg.mesh, cfg.data.batch_size)
     model, params = load_model(cfg.model, heads=("reward",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
-    loss_fn = make_reward_loss(model, margin=cfg.margin, center_coef=cfg.center_coef)
-
-    def with_std(out: dict) -> dict:
-        out["rewards/std"] = max(out.pop("rewards/sq") - out["rewards/mean"] ** 2, 0.0) ** 0.5
-        return out
-
-    return fit(cfg, run_dir=run_dir, tokenizer=tokenizer, model=model, params=params,
-               loss_fn=loss_fn, data=data, eval_batches=batches, mesh=mesh,
-               postfix=("loss", "accuracy"), eval_post=with_std)
+    loss_fn = make_reward_loss(model, margin=cfg.algorithm.margin,
+                               center_coef=cfg.algorithm.center_coef)
+    task = SupervisedTask(loss_fn=loss_fn, data=data, eval_batches=batches, eval_post=_with_std,
+                          postfix=("loss", "rewards/accuracy"))
+    return run_supervised(cfg, task, run_dir=run_dir, model=model, params=params,
+                          tokenizer=tokenizer, mesh=mesh)

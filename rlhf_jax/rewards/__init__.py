@@ -1,10 +1,10 @@
 """Rewards: RLVR verifiers that parse answers with a small grammar (never run them as code).
 
 Reward functions have the TRL signature ``fn(prompts, completions, **columns) -> list[float]``;
-``REWARD_FUNCTIONS`` is the table pipelines pick from by name.
+``REWARD_FUNCTIONS`` is the table configs name them from (``rewards.functions``).
 """
 
-# reward-model scoring: see rlhf_jax.rewards.reward_model
+from rlhf_jax.rewards.functions import RewardFn, call_reward_fns, resolve_reward_function
 from rlhf_jax.rewards.verifiers import (
     REWARD_FUNCTIONS,
     exact_match,
@@ -16,9 +16,12 @@ from rlhf_jax.rewards.verifiers import (
 
 __all__ = [
     "REWARD_FUNCTIONS",
+    "RewardFn",
+    "call_reward_fns",
     "exact_match",
     "exact_match_reward",
     "parse_expression",
     "parse_number",
+    "resolve_reward_function",
     "with_time_limit",
 ]

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.ops.stats import compute_metrics, merge_metrics
-from tests.helpers import assert_all_finite, check_grads, float_array_strategy, np_sigmoid, rng
+from tests.helpers import (assert_all_finite, assert_trees_close, check_grads,
+                           float_array_strategy, np_sigmoid, rng)
 
 B = 6
 NAN, INF = float("nan"), float("inf")
@@ -47,7 +48,8 @@ def _softplus(x: float) -> float:
 def np_bt(rc, rr, margin, eta, mask):
     """Float64 loop: (sum, count, metric means)."""
     total, n = 0.0, 0.0
-    s = {"accuracy": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margin": 0.0}
+    s = {"rewards/accuracy": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0,
+         "rewards/margin": 0.0}
     for i in range(len(rc)):
         if not mask[i]:
             continue
@@ -55,7 +57,7 @@ def np_bt(rc, rr, margin, eta, mask):
         mg = 0.0 if margin is None else float(margin[i])
         total += _softplus(-(c - r - mg)) + eta * (c + r) ** 2
         n += 1
-        s["accuracy"] += float(c > r)
+        s["rewards/accuracy"] += float(c > r)
         s["rewards/chosen"] += c
         s["rewards/rejected"] += r
         s["rewards/margin"] += c - r
@@ -74,7 +76,7 @@ def test_bradley_terry_loss_hand_plain():
     _allclose(out[0], 1.006409)
     assert float(out[1]) == 2.0
     m = _m(out)
-    _allclose(m["accuracy"], 0.5)  # the tie d = 0 is not a correct pair (strictly r_c > r_r)
+    _allclose(m["rewards/accuracy"], 0.5)  # the tie d = 0 is not a correct pair (r_c > r_r)
     _allclose(m["rewards/chosen"], 0.5)
     _allclose(m["rewards/rejected"], 0.0)
     _allclose(m["rewards/margin"], 0.5)
@@ -95,7 +97,7 @@ def test_bradley_terry_loss_hand_margin_center_mask():
     _allclose(out[0], 2.300490)
     assert float(out[1]) == 2.0
     m = _m(out)
-    _allclose(m["accuracy"], 0.5)  # pair 0 right, pair 2 wrong
+    _allclose(m["rewards/accuracy"], 0.5)  # pair 0 right, pair 2 wrong
     _allclose(m["rewards/margin"], (1.0 - 1.5) / 2)  # the metric margin is d, not d - margin
     _allclose(m["rewards/chosen"], 0.0)
     _allclose(m["rewards/rejected"], 0.25)
@@ -133,12 +135,13 @@ def test_bradley_terry_loss_property_swap_chosen_rejected(x):
     b = _bt(rr, rc, None, 0.0, ones)
     d = rc.astype(np.float64) - rr
     _allclose(b[0], sum(_softplus(v) for v in d), rtol=1e-5, atol=1e-4)  # -log sigmoid(-d)
-    _allclose(_m(b)["accuracy"], 1.0 - _m(a)["accuracy"])
+    _allclose(_m(b)["rewards/accuracy"], 1.0 - _m(a)["rewards/accuracy"])
     # softplus(-d) - softplus(d) = -d: the two losses differ by the summed margin
     _allclose(b[0] - a[0], d.sum(), rtol=1e-5, atol=1e-3)
 
 
-@given(x=rewards_st, delta=st.floats(0.01, 4.0, allow_subnormal=False), eta=st.sampled_from([0.0, 0.1]))
+@given(x=rewards_st, delta=st.floats(0.01, 4.0, allow_subnormal=False),
+       eta=st.sampled_from([0.0, 0.1]))
 def test_bradley_terry_loss_property_decreasing_in_margin(x, delta, eta):
     """Raising r_c and lowering r_r by the same delta keeps r_c + r_r: every pair's loss falls."""
     rc, rr, mg = x
@@ -186,9 +189,8 @@ def test_bradley_terry_loss_property_micro_batched_equals_whole(x, mask, k, eta)
     b = bradley_terry_loss(rc[k:], rr[k:], margin=mg[k:], center_coef=eta, pair_mask=mask[k:])
     _allclose(a[0] + b[0], whole[0], atol=1e-4)
     assert float(a[1] + b[1]) == float(whole[1])
-    merged = compute_metrics(merge_metrics(a[2], b[2]))
-    for key, v in compute_metrics(whole[2]).items():
-        _allclose(merged[key], v)
+    assert_trees_close(compute_metrics(merge_metrics(a[2], b[2])), compute_metrics(whole[2]),
+                       rtol=1e-5, atol=1e-5)
 
 
 @given(x=rewards_st)
@@ -196,7 +198,7 @@ def test_bradley_terry_loss_property_nonnegative_and_log2_at_tie(x):
     rc = x[0]
     out = _bt(rc, rc, None, 0.0, np.ones(B, np.float32))
     _allclose(out[0], B * math.log(2.0))  # d = 0 everywhere: log 2 per pair, accuracy 0
-    assert _m(out)["accuracy"] == 0.0
+    assert _m(out)["rewards/accuracy"] == 0.0
     assert float(_bt(x[0], x[1], x[2], 0.1, np.ones(B, np.float32))[0]) >= 0.0
 
 

@@ -6,8 +6,8 @@
 Runs a few SFT steps and a few GRPO steps (sampling included, with a greedy evaluation on held-out
 prompts at steps 0 and 3) on a ``data=2 x fsdp=2`` mesh over all the processes' devices, then
 writes what this process sees into ``OUT_DIR/rank{process_index}.npz``: the final parameters
-(gathered) and the per-step train and eval metrics that the run's ``metrics.jsonl`` holds. Without the ``RLHF_JAX_*`` variables it is the
-one-process reference run.
+(gathered) and the per-step train and eval metrics that the run's ``metrics.jsonl`` holds.
+Without the ``RLHF_JAX_*`` variables it is the one-process reference run.
 """
 
 from __future__ import annotations
@@ -33,30 +33,34 @@ def main(data_dir: str, out_dir: str, local_devices: int) -> None:
     import numpy as np
 
     from rlhf_jax.parallel import MeshConfig, fetch
-    from rlhf_jax.pipelines import ModelSpec, grpo, sft
+    from rlhf_jax.pipelines import (DataConfig, GenerationConfig, KLConfig, LoggingConfig,
+                                    LoopConfig, ModelSpec, OptimizerConfig, grpo, sft)
     from rlhf_jax.rewards.verifiers import exact_match_reward
-    from rlhf_jax.train import LoopConfig, OptimizerConfig, read_jsonl_metrics
+    from rlhf_jax.train import read_jsonl_metrics
 
     assert jax.device_count() == 4, jax.devices()
     mesh = MeshConfig(data=2, fsdp=2)
     model = ModelSpec(preset="toy-1m", overrides={"hidden_size": 32, "intermediate_size": 64,
                                                   "num_layers": 1, "num_heads": 4,
                                                   "num_kv_heads": 2})
-    opt = OptimizerConfig(learning_rate=1e-2, schedule="constant", total_steps=3)
-    loop = LoopConfig(total_steps=3, log_every=1, progress=True, tensorboard=False,
-                      save_every=3)
+    opt = OptimizerConfig(learning_rate=1e-2, schedule="constant")
+    loop = LoopConfig(total_steps=3, log_every=1, save_every=3)
+    logging = LoggingConfig(progress=True, tensorboard=False)
     tok = os.path.join(data_dir, "tokenizer")
     sft_out = sft.run(sft.SFTConfig(
-        train_data=os.path.join(data_dir, "sft.jsonl"), tokenizer=tok, model=model,
-        output_dir=os.path.join(out_dir, "sft"), max_length=32, batch_size=8, packing=True,
-        on_overflow="truncate", optimizer=opt, loop=loop, mesh=mesh))
+        data=DataConfig(train=os.path.join(data_dir, "sft.jsonl"), max_length=32, batch_size=8,
+                        packing=True, on_overflow="truncate"),
+        tokenizer=tok, model=model, output_dir=os.path.join(out_dir, "sft"), optimizer=opt,
+        loop=loop, logging=logging, mesh=mesh))
     grpo_out = grpo.run(grpo.GRPOConfig(
-        prompts=os.path.join(data_dir, "train_prompts.jsonl"), tokenizer=tok,
-        policy=ModelSpec(path=sft_out["model_dir"]), output_dir=os.path.join(out_dir, "grpo"),
-        max_prompt_length=16, max_new_tokens=4, prompts_per_step=4, group_size=2,
-        num_minibatches=2, kl_coef=0.05, optimizer=opt, mesh=mesh,
-        eval_prompts=os.path.join(data_dir, "eval_prompts.jsonl"),
-        loop=dataclasses.replace(loop, eval_every=3)),
+        data=DataConfig(train=os.path.join(data_dir, "train_prompts.jsonl"),
+                        eval=os.path.join(data_dir, "eval_prompts.jsonl"),
+                        max_prompt_length=16, batch_size=4),
+        tokenizer=tok, policy=ModelSpec(path=sft_out["model_dir"]),
+        output_dir=os.path.join(out_dir, "grpo"), sampling=GenerationConfig(max_new_tokens=4),
+        algorithm=grpo.GRPOAlgorithmConfig(group_size=2, num_minibatches=2),
+        kl=KLConfig(coef=0.05), optimizer=opt, loop=dataclasses.replace(loop, eval_every=3),
+        logging=logging, mesh=mesh),
         reward_fns={"exact_match": exact_match_reward, "length": _length})
 
     arrays = {}

@@ -34,6 +34,7 @@ B, T = 8, 16
 RTOL, ATOL = 1e-5, 1e-6
 OPT = OptimizerConfig(learning_rate=1e-3, schedule="constant", weight_decay=0.1,
                       max_grad_norm=1.0)
+STEPS = 3  # the AdamW steps below (the schedule's length; constant, so it does not matter)
 
 
 def _batch(vocab: int, seed: int = 0) -> TokenBatch:
@@ -94,7 +95,7 @@ def _ref_loss_grads(config=CONFIG):
 @functools.lru_cache(maxsize=None)
 def _ref_trained(config):
     model, p, b = _on_one_device(config)
-    opt = make_optimizer(OPT)
+    opt = make_optimizer(OPT, STEPS)
     return jax.device_get(jax.jit(_train(model, opt, 3))(p, opt.init(p), b)[0])
 
 
@@ -163,7 +164,7 @@ ADAM_CONFIG = CONFIG.replace(family="llama", qkv_bias=False)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_three_adamw_steps_equal_single_device(shape):
     model, mesh, ps, bs, params, batch = _placed(shape, ADAM_CONFIG)
-    opt = make_optimizer(OPT)
+    opt = make_optimizer(OPT, STEPS)
     oss = opt_state_shardings(jax.eval_shape(opt.init, params), ps, mesh, params=params)
     opt_state = jax.jit(opt.init, out_shardings=oss)(params)
     new_params, new_opt = jax.jit(_train(model, opt, 3), in_shardings=(ps, oss, bs),
@@ -203,7 +204,7 @@ def _distinct_state(params, opt) -> TrainState:
 def test_checkpoint_restores_onto_another_mesh_and_one_device(i, tmp_path):
     save_shape, load_shape = SHAPES[i], SHAPES[(i + 1) % len(SHAPES)]
     _, params = toy_model()
-    opt = make_optimizer(OPT)
+    opt = make_optimizer(OPT, STEPS)
     host_state = jax.device_get(_distinct_state(params, opt))
 
     def shardings_on(shape):

@@ -103,7 +103,9 @@ def test_two_processes_match_one(runs, stage):
         np.testing.assert_allclose(rank0[k], one[k], rtol=2e-5, atol=1e-6, err_msg=k)
         np.testing.assert_array_equal(runs["rank1"][k], rank0[k], err_msg=k)  # same gather
     if stage == "grpo":  # it starts from the SFT result: some parameters must have moved
-        assert any(not np.allclose(one[k], one[k.replace("grpo/", "sft/")]) for k in params)
+        assert all(k.startswith("grpo/param['policy']") for k in params)  # no critic
+        assert any(not np.allclose(one[k], one[k.replace("grpo/param['policy']", "sft/param")])
+                   for k in params)
     else:
         loss = one["sft/metric/train/loss"]
         assert loss[-1] < loss[0], loss
@@ -182,8 +184,8 @@ def test_importing_touches_no_device():
 def test_mesh_none_is_refused_with_several_processes(monkeypatch):
     import jax
 
-    from rlhf_jax.pipelines import common
+    from rlhf_jax.pipelines import setup
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match="mesh=None runs on one device, but this is a run of 2"):
-        common.make_mesh(None, 8)
+        setup.make_mesh(None, 8)

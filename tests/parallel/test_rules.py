@@ -266,7 +266,7 @@ def test_adam_moments_follow_params_and_counts_replicate(with_params):
     _, params = toy_model()
     mesh = mesh_for((2, 2, 2))
     ps = param_shardings(CONFIG, params, mesh)
-    opt = make_optimizer(OptimizerConfig(weight_decay=0.1))
+    opt = make_optimizer(OptimizerConfig(weight_decay=0.1), total_steps=1000)
     state = jax.eval_shape(opt.init, params)
     oss = opt_state_shardings(state, ps, mesh, params=params if with_params else None)
     mu = optax.tree_utils.tree_get(oss, "mu")

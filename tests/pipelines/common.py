@@ -11,6 +11,7 @@ import numpy as np
 
 from rlhf_jax.models import load_hf_checkpoint
 from rlhf_jax.train import read_jsonl_metrics
+from rlhf_jax.types import is_glossary_metric
 
 
 def flat(params) -> dict[str, np.ndarray]:
@@ -24,8 +25,9 @@ def train_rows(run_dir: str) -> list[dict]:
 
 
 def assert_run_outputs(result: dict, *, steps: int, kind: str) -> list[dict]:
-    """result.json, config.json, metrics.jsonl (one finite row per step), TensorBoard events
-    and the last step's checkpoint; returns the train rows."""
+    """result.json, config.json, metrics.jsonl (one finite row per step, every name in the
+    metric glossary), TensorBoard events and the last step's checkpoint; returns the train
+    rows."""
     run_dir = result["run_dir"]
     with open(os.path.join(run_dir, "result.json"), encoding="utf-8") as f:
         saved = json.load(f)
@@ -39,6 +41,8 @@ def assert_run_outputs(result: dict, *, steps: int, kind: str) -> list[dict]:
         for k, v in row.items():
             if k not in ("split", "step", "time"):
                 assert math.isfinite(v), f"{k}={v} at step {row['step']}"
+                # every pipeline logs by the one glossary, train and eval rows alike
+                assert is_glossary_metric(k), f"{k!r} ({row['split']}) is not in types.METRICS"
     train = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train] == list(range(1, steps + 1))
     assert all(r["update_skipped"] == 0.0 for r in train)

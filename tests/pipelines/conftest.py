@@ -13,17 +13,19 @@ import pytest
 
 from experiments.tasks import arithmetic, preference_world
 from rlhf_jax.data import train_bpe_tokenizer
-from rlhf_jax.pipelines import ModelSpec, reward_model, sft
-from rlhf_jax.train import LoopConfig, OptimizerConfig
+from rlhf_jax.pipelines import (DataConfig, LoggingConfig, LoopConfig, ModelSpec,
+                                OptimizerConfig, reward_model, sft)
 
 TINY = ModelSpec(preset="toy-1m", overrides={"hidden_size": 32, "intermediate_size": 64,
                                              "num_layers": 1, "num_heads": 2,
                                              "num_kv_heads": 1})
-SFT_OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=4)
+SFT_OPT = OptimizerConfig(learning_rate=1e-2, warmup_steps=1)
+LOG = LoggingConfig(progress=False, tensorboard=True)
+"""Every pipeline test's sinks: no progress bar, TensorBoard on (its files are checked)."""
 
 
 def loop(steps: int, **kw) -> LoopConfig:
-    return LoopConfig(total_steps=steps, log_every=1, progress=False, tensorboard=True, **kw)
+    return LoopConfig(total_steps=steps, log_every=1, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +42,11 @@ class World:
 def sft_config(world_root: str, tokenizer: str, train_data: str, name: str, *, steps: int = 4,
                **kw) -> sft.SFTConfig:
     """The SFT config the world and the resume / accumulation / mesh tests share."""
-    return sft.SFTConfig(train_data=train_data, tokenizer=tokenizer,
-                         output_dir=os.path.join(world_root, name), model=TINY, max_length=48,
-                         packing=True, batch_size=8, optimizer=SFT_OPT, loop=loop(steps),
-                         on_overflow="truncate",
+    data = DataConfig(train=train_data, max_length=48, packing=True, batch_size=8,
+                      on_overflow="truncate")
+    return sft.SFTConfig(data=data, tokenizer=tokenizer,
+                         output_dir=os.path.join(world_root, name), model=TINY,
+                         optimizer=SFT_OPT, loop=loop(steps), logging=LOG,
                          mesh=kw.pop("mesh", None), **kw)
 
 
@@ -61,8 +64,9 @@ def world(tmp_path_factory) -> World:
     cfg = sft_config(root, tok, pref["sft"], "sft")
     sft_res = sft.run(cfg)
     rm_res = reward_model.run(reward_model.RewardModelConfig(
-        train_data=pref["preference"], tokenizer=tok, output_dir=os.path.join(root, "rm"),
-        model=ModelSpec(path=sft_res["model_dir"]), max_prompt_length=24, max_length=48,
-        batch_size=8, optimizer=OptimizerConfig(learning_rate=1e-2, total_steps=3),
-        loop=loop(3), mesh=None))
+        data=DataConfig(train=pref["preference"], max_prompt_length=24, max_length=48,
+                        batch_size=8, on_overflow="truncate"),
+        tokenizer=tok, output_dir=os.path.join(root, "rm"),
+        model=ModelSpec(path=sft_res["model_dir"]),
+        optimizer=OptimizerConfig(learning_rate=1e-2), loop=loop(3), logging=LOG, mesh=None))
     return World(root, tok, pref, arith, cfg, sft_res, rm_res)

@@ -11,7 +11,7 @@ import pytest
 
 from experiments.tasks import preference_world
 from rlhf_jax.data import load_jsonl
-from rlhf_jax.pipelines import ModelSpec, best_of_n
+from rlhf_jax.pipelines import DataConfig, GenerationConfig, ModelSpec, RewardConfig, best_of_n
 
 
 def test_select_best_by_hand():
@@ -25,9 +25,9 @@ def test_select_best_by_hand():
 
 
 def test_best_of_n_config_checks():
-    with pytest.raises(ValueError, match="n and prompts_per_batch must be >= 1"):
-        best_of_n.BestOfNConfig(prompts="x", tokenizer="y", policy=ModelSpec(),
-                                reward_model=ModelSpec(), n=0)
+    with pytest.raises(ValueError, match="group_size must be >= 1"):
+        best_of_n.BestOfNConfig(data=DataConfig(train="x"), tokenizer="y", policy=ModelSpec(),
+                                rewards=RewardConfig(model=ModelSpec()), group_size=0)
 
 
 def test_best_of_n_run(world, monkeypatch):
@@ -42,10 +42,10 @@ def test_best_of_n_run(world, monkeypatch):
     monkeypatch.setattr(best_of_n, "select_best", spy)
     out_dir = os.path.join(world.root, "bon")
     cfg = best_of_n.BestOfNConfig(
-        prompts=world.pref["eval_prompts"], tokenizer=world.tokenizer,
-        policy=ModelSpec(path=world.sft["model_dir"]),
-        reward_model=ModelSpec(path=world.rm["model_dir"]), output_dir=out_dir, n=4,
-        max_prompt_length=24, max_new_tokens=5, prompts_per_batch=6, progress=False)
+        data=DataConfig(train=world.pref["eval_prompts"], max_prompt_length=24, batch_size=6),
+        tokenizer=world.tokenizer, policy=ModelSpec(path=world.sft["model_dir"]),
+        rewards=RewardConfig(model=ModelSpec(path=world.rm["model_dir"])), output_dir=out_dir,
+        group_size=4, sampling=GenerationConfig(max_new_tokens=5), progress=False)
     result = best_of_n.run(cfg, eval_rewards={"gold": preference_world.gold_reward})
 
     # 16 prompts in batches of 6: 6 + 6 + 4 real rows (the last batch wraps around)
@@ -66,7 +66,7 @@ def test_best_of_n_run(world, monkeypatch):
 
     with open(os.path.join(out_dir, "result.json"), encoding="utf-8") as f:
         saved = json.load(f)
-    assert saved == result and result["prompts"] == 16 and result["n"] == 4
+    assert saved == result and result["prompts"] == 16 and result["group_size"] == 4
     assert result["reward_model/best_mean"] == pytest.approx(best.mean(), rel=1e-5)
     assert result["reward_model/sample_mean"] == pytest.approx(means.mean(), rel=1e-5,
                                                                abs=1e-7)

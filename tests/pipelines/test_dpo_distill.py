@@ -10,13 +10,13 @@ import pytest
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.losses import DISTILL_LOSSES, REFERENCE_FREE_LOSSES
 from rlhf_jax.models import load_hf_checkpoint, sequence_logprob_sums
-from rlhf_jax.pipelines import ModelSpec, distill, dpo
-from rlhf_jax.pipelines.common import load_model, load_pairs
-from rlhf_jax.train import OptimizerConfig
+from rlhf_jax.pipelines import DataConfig, ModelSpec, OptimizerConfig, distill, dpo
+from rlhf_jax.pipelines.datasets import load_pairs
+from rlhf_jax.pipelines.setup import load_model
 from tests.pipelines.common import assert_moved, assert_run_outputs
-from tests.pipelines.conftest import TINY, loop
+from tests.pipelines.conftest import LOG, TINY, loop
 
-OPT = OptimizerConfig(learning_rate=1e-2, schedule="constant", total_steps=3)
+OPT = OptimizerConfig(learning_rate=1e-2, schedule="constant")
 
 # At step 1 the policy is the reference, so every implicit reward margin h is 0 and the loss is
 # its value at h = 0 (beta = 0.1, label_smoothing = 0.1).
@@ -25,17 +25,19 @@ LOSS_AT_REFERENCE = {"sigmoid": np.log(2.0), "cdpo": np.log(2.0), "robust": np.l
 
 
 def dpo_config(world, name: str, **kw) -> dpo.DPOConfig:
-    base = dict(train_data=world.pref["preference"], tokenizer=world.tokenizer,
+    data = DataConfig(train=world.pref["preference"], max_prompt_length=24, max_length=48,
+                      batch_size=8, on_overflow="truncate")
+    base = dict(data=data, tokenizer=world.tokenizer,
                 policy=ModelSpec(path=world.sft["model_dir"]),
-                output_dir=os.path.join(world.root, name), max_prompt_length=24,
-                max_length=48, batch_size=8, optimizer=OPT, loop=loop(3),
-                mesh=None)
+                output_dir=os.path.join(world.root, name), optimizer=OPT, loop=loop(3),
+                logging=LOG, mesh=None)
     return dpo.DPOConfig(**(base | kw))
 
 
 @pytest.mark.parametrize("loss", sorted(dpo.LOSSES))
 def test_dpo_loss_run(world, loss):
-    result = dpo.run(dpo_config(world, f"dpo_{loss}", loss=loss))
+    result = dpo.run(dpo_config(world, f"dpo_{loss}",
+                                algorithm=dpo.DPOAlgorithmConfig(loss=loss)))
     rows = assert_run_outputs(result, steps=3, kind="DPOConfig")
     _, init = load_hf_checkpoint(world.sft["model_dir"], heads=("lm",))
     assert_moved(result["model_dir"], init, heads=("lm",))
@@ -50,7 +52,7 @@ def test_dpo_loss_run(world, loss):
 def test_dpo_reference_logps_equal_direct_computation(world):
     cfg = dpo_config(world, "unused")
     tok = Tokenizer.load(world.tokenizer)
-    pairs = load_pairs(world.pref["preference_eval"], cfg, tok)  # 32 pairs
+    pairs = load_pairs(world.pref["preference_eval"], cfg.data, tok)  # 32 pairs
     model, params = load_model(ModelSpec(path=world.sft["model_dir"]), heads=("lm",),
                                vocab_size=tok.vocab_size, seed=0)
     chosen, rejected = dpo.reference_logps(model, params, pairs, batch_size=12)  # 12+12+8
@@ -64,18 +66,20 @@ def test_dpo_reference_logps_equal_direct_computation(world):
 
 
 def test_dpo_unknown_loss():
-    with pytest.raises(ValueError, match="loss must be one of"):
-        dpo.DPOConfig(train_data="x", tokenizer="y", policy=ModelSpec(), loss="kto")
+    with pytest.raises(ValueError, match="algorithm.loss must be one of"):
+        dpo.DPOConfig(data=DataConfig(train="x"), tokenizer="y", output_dir="z",
+                      policy=ModelSpec(), algorithm=dpo.DPOAlgorithmConfig(loss="kto"))
 
 
 @pytest.mark.parametrize("loss", sorted(DISTILL_LOSSES))
 def test_distill_loss_run(world, loss):
     cfg = distill.DistillConfig(
-        train_data=world.pref["sft"], tokenizer=world.tokenizer,
-        teacher=ModelSpec(path=world.sft["model_dir"]), student=TINY,
-        output_dir=os.path.join(world.root, f"distill_{loss}"), loss=loss, max_length=48,
-        batch_size=8, on_overflow="truncate", optimizer=OPT, loop=loop(3),
-        mesh=None)
+        data=DataConfig(train=world.pref["sft"], max_length=48, batch_size=8,
+                        on_overflow="truncate"),
+        tokenizer=world.tokenizer, teacher=ModelSpec(path=world.sft["model_dir"]),
+        student=TINY, output_dir=os.path.join(world.root, f"distill_{loss}"),
+        algorithm=distill.DistillAlgorithmConfig(loss=loss), optimizer=OPT, loop=loop(3),
+        logging=LOG, mesh=None)
     result = distill.run(cfg)
     rows = assert_run_outputs(result, steps=3, kind="DistillConfig")
     _, init = load_model(TINY, heads=("lm",), vocab_size=512, seed=cfg.seed + 1)
@@ -86,5 +90,7 @@ def test_distill_loss_run(world, loss):
 
 
 def test_distill_unknown_loss():
-    with pytest.raises(ValueError, match="loss must be one of"):
-        distill.DistillConfig(train_data="x", tokenizer="y", teacher=ModelSpec(), loss="mse")
+    with pytest.raises(ValueError, match="algorithm.loss must be one of"):
+        distill.DistillConfig(data=DataConfig(train="x"), tokenizer="y", output_dir="z",
+                              teacher=ModelSpec(),
+                              algorithm=distill.DistillAlgorithmConfig(loss="mse"))

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models import load_hf_checkpoint
-from rlhf_jax.pipelines import ModelSpec, grpo
+from rlhf_jax.pipelines import (DataConfig, GenerationConfig, KLConfig, ModelSpec,
+                                OptimizerConfig, RewardConfig, grpo)
 from rlhf_jax.rewards.verifiers import exact_match_reward
-from rlhf_jax.train import OptimizerConfig
 from tests.pipelines.common import (assert_moved, assert_run_outputs, assert_unchanged, flat,
                                     train_rows)
-from tests.pipelines.conftest import loop
+from tests.pipelines.conftest import LOG, loop
 
-OPT = OptimizerConfig(learning_rate=1e-3, schedule="constant", total_steps=2)
+OPT = OptimizerConfig(learning_rate=1e-3, schedule="constant")
 
 
 def length_reward(prompts, completions, **columns):
@@ -26,18 +26,26 @@ def length_reward(prompts, completions, **columns):
     return [len(c) / 10.0 for c in completions]
 
 
-def grpo_config(world, name: str, **kw) -> grpo.GRPOConfig:
-    base = dict(prompts=world.arith["train_prompts"], tokenizer=world.tokenizer,
+def algo(**kw) -> grpo.GRPOAlgorithmConfig:
+    return grpo.GRPOAlgorithmConfig(**({"group_size": 2, "num_minibatches": 2} | kw))
+
+
+def grpo_config(world, name: str, *, prompts: str | None = None, max_prompt_length: int = 16,
+                **kw) -> grpo.GRPOConfig:
+    data = DataConfig(train=prompts or world.arith["train_prompts"],
+                      max_prompt_length=max_prompt_length, batch_size=4)
+    base = dict(data=data, tokenizer=world.tokenizer,
                 policy=ModelSpec(path=world.sft["model_dir"]),
-                output_dir=os.path.join(world.root, name), max_prompt_length=16,
-                max_new_tokens=4, prompts_per_step=4, group_size=2, num_minibatches=2,
-                optimizer=OPT, loop=loop(2), mesh=None)
+                output_dir=os.path.join(world.root, name),
+                sampling=GenerationConfig(max_new_tokens=4), algorithm=algo(),
+                optimizer=OPT, loop=loop(2), logging=LOG, mesh=None)
     return grpo.GRPOConfig(**(base | kw))
 
 
 @pytest.mark.parametrize("variant", sorted(grpo.VARIANTS))
 def test_grpo_variant(world, variant):
-    cfg = grpo_config(world, f"grpo_{variant}", variant=variant, kl_coef=0.05)
+    cfg = grpo_config(world, f"grpo_{variant}", algorithm=algo(variant=variant),
+                      kl=KLConfig(coef=0.05))
     result = grpo.run(cfg, reward_fns={"exact_match": exact_match_reward,
                                        "length": length_reward})
     rows = assert_run_outputs(result, steps=2, kind="GRPOConfig")
@@ -62,8 +70,8 @@ def test_grpo_variant(world, variant):
 
 def test_grpo_with_reward_model(world):
     cfg = grpo_config(world, "grpo_rm", prompts=world.pref["prompts"], max_prompt_length=24,
-                      reward_model=ModelSpec(path=world.rm["model_dir"]),
-                      reward_model_weight=2.0)
+                      rewards=RewardConfig(model=ModelSpec(path=world.rm["model_dir"]),
+                                           model_weight=2.0))
     result = grpo.run(cfg)
     rows = assert_run_outputs(result, steps=2, kind="GRPOConfig")
     for r in rows:
@@ -75,36 +83,39 @@ def test_grpo_with_reward_model(world):
 
 
 def test_grpo_config_checks(world):
-    with pytest.raises(ValueError, match="group_size must be >= 2"):
-        grpo_config(world, "x", group_size=1)
-    with pytest.raises(ValueError, match="variant must be one of"):
-        grpo_config(world, "x", variant="ppo")
-    with pytest.raises(ValueError, match="divisible by num_minibatches"):
-        grpo_config(world, "x", num_minibatches=3)
-    with pytest.raises(ValueError, match="needs reward_fns or a reward_model"):
+    with pytest.raises(ValueError, match="algorithm.group_size must be >= 2"):
+        grpo_config(world, "x", algorithm=algo(group_size=1))
+    with pytest.raises(ValueError, match="algorithm.variant must be one of"):
+        grpo_config(world, "x", algorithm=algo(variant="ppo"))
+    with pytest.raises(ValueError, match="must be divisible by algorithm.num_minibatches"):
+        grpo_config(world, "x", algorithm=algo(num_minibatches=3))
+    with pytest.raises(ValueError, match=r"GRPO needs reward_fns \(or rewards.functions\) or a "
+                                         r"rewards.model"):
         grpo.run(grpo_config(world, "grpo_none"))
     assert not os.path.exists(os.path.join(world.root, "grpo_none"))  # nothing written
 
 
 def test_one_update_per_rollout_reuses_the_updates_logprobs(world):
-    """``num_iterations == num_minibatches == 1``: "old" log-probs taken from the update's own
+    """``epochs == num_minibatches == 1``: "old" log-probs taken from the update's own
     forward pass (one scoring pass fewer) give the run that scores the policy again, to float32
     rounding, with the ratio exactly 1 (no clipping) and the sampler gap still measured."""
     fns = {"exact_match": exact_match_reward, "length": length_reward}
     runs = {}
     for reuse in (True, False):
-        cfg = grpo_config(world, f"grpo_reuse_{reuse}", num_minibatches=1, kl_coef=0.05,
-                          reuse_logprobs=reuse)
+        cfg = grpo_config(world, f"grpo_reuse_{reuse}", kl=KLConfig(coef=0.05),
+                          algorithm=algo(num_minibatches=1, reuse_logprobs=reuse))
         result = grpo.run(cfg, reward_fns=fns)
-        runs[reuse] = (flat(jax.device_get(result["state"].params)),
+        assert set(result["state"].params) == {"policy"}  # no critic
+        runs[reuse] = (flat(jax.device_get(result["state"].params["policy"])),
                        train_rows(result["run_dir"]))
     (p_reuse, rows_reuse), (p_score, rows_score) = runs[True], runs[False]
     for k in p_score:
         np.testing.assert_allclose(p_reuse[k], p_score[k], rtol=1e-5, atol=1e-6, err_msg=k)
     for a, b in zip(rows_reuse, rows_score):
-        for key in ("loss", "reward", "kl", "response_length"):
+        for key in ("loss", "reward", "policy/kl", "response_length"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-        assert a["clip_frac"] == 0.0 and a["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+        assert a["policy/clip_frac"] == 0.0
+        assert a["policy/ratio_max"] == pytest.approx(1.0, abs=1e-6)
         assert 0.0 <= a["logprob_diff_sampler_trainer"] < 1e-4
     _, init = load_hf_checkpoint(world.sft["model_dir"], heads=("lm",))
     assert any(not np.allclose(p_reuse[k], v) for k, v in flat(init).items() if k in p_reuse)

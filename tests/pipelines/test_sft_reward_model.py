@@ -12,8 +12,9 @@ import pytest
 
 from rlhf_jax.models import load_hf_checkpoint
 from rlhf_jax.parallel import MeshConfig
-from rlhf_jax.pipelines import sft
-from rlhf_jax.pipelines.common import load_model, prepare_run_dir
+from rlhf_jax.pipelines import DataConfig, sft
+from rlhf_jax.pipelines.run_dir import prepare_run_dir
+from rlhf_jax.pipelines.setup import load_model
 from tests.pipelines.common import (assert_moved, assert_run_outputs, assert_states_equal, flat,
                                     read, train_rows)
 from tests.pipelines.conftest import TINY, sft_config
@@ -50,7 +51,7 @@ def test_reward_model_smoke(world):
     # the reward head starts at zero: every reward is 0 and the Bradley-Terry loss is log 2
     assert rows[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-6)
     assert rows[0]["rewards/mean"] == 0.0 and rows[0]["count"] == 8.0
-    assert 0.0 <= rows[-1]["accuracy"] <= 1.0
+    assert 0.0 <= rows[-1]["rewards/accuracy"] <= 1.0
     config, _ = load_hf_checkpoint(world.rm["model_dir"])
     assert config.heads == ("reward",)
 
@@ -116,20 +117,25 @@ def chex_close(a, b, *, atol):
 
 
 def test_run_dir_reused_with_another_config(world):
-    cfg = dataclasses.replace(world.sft_cfg, batch_size=16, seed=3)
-    with pytest.raises(ValueError, match=r"different config \(fields \['batch_size', 'seed'\]\)"):
+    cfg = dataclasses.replace(world.sft_cfg, seed=3,
+                              data=dataclasses.replace(world.sft_cfg.data, batch_size=16))
+    with pytest.raises(ValueError, match=r"different config \(fields \['data', 'seed'\]\)"):
         sft.run(cfg)
     # a loop change alone is allowed (extending a finished run)
-    prepare_run_dir(dataclasses.replace(world.sft_cfg, loop=dataclasses.replace(world.sft_cfg.loop, total_steps=9)), world.sft_cfg.output_dir)
+    longer = dataclasses.replace(world.sft_cfg.loop, total_steps=9)
+    prepare_run_dir(dataclasses.replace(world.sft_cfg, loop=longer), world.sft_cfg.output_dir)
 
 
 def test_batch_not_divisible_by_devices(world, tmp_path):
-    cfg = dataclasses.replace(world.sft_cfg, output_dir=str(tmp_path / "x"), batch_size=12,
-                              mesh=MeshConfig())
-    with pytest.raises(ValueError, match="^batch_size 12 is not divisible by data x fsdp = 8"):
+    cfg = dataclasses.replace(world.sft_cfg, output_dir=str(tmp_path / "x"), mesh=MeshConfig(),
+                              data=dataclasses.replace(world.sft_cfg.data, batch_size=12))
+    with pytest.raises(ValueError,
+                       match="^data.batch_size 12 is not divisible by data x fsdp = 8"):
         sft.run(cfg)
 
 
 def test_micro_batches_must_divide_batch():
-    with pytest.raises(ValueError, match="batch_size 8 is not divisible by micro_batches 3"):
-        sft.SFTConfig(train_data="x", tokenizer="y", batch_size=8, micro_batches=3)
+    with pytest.raises(ValueError,
+                       match="data.batch_size 8 is not divisible by micro_batches 3"):
+        sft.SFTConfig(data=DataConfig(train="x", batch_size=8), tokenizer="y", output_dir="z",
+                      micro_batches=3)

@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import os
 
-from rlhf_jax.pipelines import sft
-from rlhf_jax.train import LoopConfig, OptimizerConfig
+from rlhf_jax.pipelines import DataConfig, LoggingConfig, LoopConfig, OptimizerConfig, sft
 from tests.pipelines.conftest import TINY, world  # noqa: F401  (the fixture, re-exported)
 
-CRASH_OPT = OptimizerConfig(learning_rate=1e-2, schedule="constant", total_steps=24)
+CRASH_OPT = OptimizerConfig(learning_rate=1e-2, schedule="constant")
+QUIET = LoggingConfig(progress=False, tensorboard=False)
+"""No progress bar, no TensorBoard: the reliability runs only need ``metrics.jsonl``."""
 
 
 def crash_sft_config(*, train_data: str, tokenizer: str, output_dir: str, steps: int,
                      save_every: int, keep: int = 3, max_skips: int = 10) -> sft.SFTConfig:
     """The small SFT run of the crash tests (started as a subprocess, and once in-process as
     the reference) and of the numerical-guard tests."""
-    return sft.SFTConfig(train_data=train_data, tokenizer=tokenizer, output_dir=output_dir,
-                         model=TINY, max_length=48, packing=True, batch_size=8,
-                         optimizer=CRASH_OPT, on_overflow="truncate", mesh=None,
+    return sft.SFTConfig(data=DataConfig(train=train_data, max_length=48, packing=True,
+                                         batch_size=8, on_overflow="truncate"),
+                         tokenizer=tokenizer, output_dir=output_dir, model=TINY,
+                         optimizer=CRASH_OPT, mesh=None, logging=QUIET,
                          loop=LoopConfig(total_steps=steps, log_every=1, save_every=save_every,
                                          keep_checkpoints=keep, max_consecutive_skips=max_skips,
-                                         progress=False, tensorboard=False,
                                          eval_at_start=False))
 
 

@@ -38,7 +38,7 @@ from rlhf_jax.train import (Checkpointer, LoopConfig, OptimizerConfig, create_tr
                             make_optimizer, make_train_step, read_jsonl_metrics, train_loop)
 from tests.helpers import assert_all_finite
 from tests.pipelines.common import assert_states_equal, flat
-from tests.reliability.conftest import crash_sft_config, ledger
+from tests.reliability.conftest import QUIET, crash_sft_config, ledger
 from tests.train.common import ArraySource, assert_trees_bitwise, host, toy_loss, toy_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -274,20 +274,19 @@ def test_failing_async_save_raises_and_deletes_nothing_older(tmp_path, monkeypat
 
 
 def test_failing_async_save_stops_train_loop_and_keeps_last_good(tmp_path, monkeypatch):
-    opt = make_optimizer(OptimizerConfig(learning_rate=5e-2, schedule="constant",
-                                         total_steps=6))
+    opt = make_optimizer(OptimizerConfig(learning_rate=5e-2, schedule="constant"), 6)
     step = make_train_step(toy_loss, opt)
-    cfg = LoopConfig(total_steps=6, log_every=1, save_every=2, keep_checkpoints=1,
-                     progress=False, tensorboard=False)
+    cfg = LoopConfig(total_steps=6, log_every=1, save_every=2, keep_checkpoints=1)
     good_dir = str(tmp_path / "good")
     good, _ = train_loop(dataclasses.replace(cfg, total_steps=2), run_dir=good_dir,
-                         state=_toy_state(opt), step_fn=step, data=ArraySource())
+                         state=_toy_state(opt), step_fn=step, data=ArraySource(),
+                         logging=QUIET)
     good = host(good)
     run_dir = str(tmp_path / "failing")
     _fail_state_saves(monkeypatch, from_call=2)  # the save of step 2 works, step 4's fails
     with pytest.raises(OSError, match="No space left on device"):
         train_loop(cfg, run_dir=run_dir, state=_toy_state(opt), step_fn=step,
-                   data=ArraySource())
+                   data=ArraySource(), logging=QUIET)
     monkeypatch.undo()
     # keep_checkpoints=1 would have replaced step 2 by step 4; as 4 failed, 2 stays
     ck = Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=1)

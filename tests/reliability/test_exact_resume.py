@@ -27,17 +27,18 @@ import os
 
 import pytest
 
-from rlhf_jax.pipelines import ModelSpec, dpo, grpo, ppo, sft
+from rlhf_jax.pipelines import (DataConfig, GenerationConfig, KLConfig, LoopConfig, ModelSpec,
+                                OptimizerConfig, RewardConfig, dpo, grpo, onpolicy, ppo, sft)
 from rlhf_jax.rewards.verifiers import exact_match_reward
-from rlhf_jax.train import Checkpointer, LoopConfig, OptimizerConfig, read_jsonl_metrics
+from rlhf_jax.train import Checkpointer, read_jsonl_metrics
+from rlhf_jax.train import supervised as train_supervised
 from tests.pipelines.common import assert_states_equal
-from tests.reliability.conftest import TINY, ledger
+from tests.reliability.conftest import QUIET, TINY, ledger
 
 STEPS, SAVE_EVERY = 6, 2
 CRASHES = (3, 4)  # completed steps when each crash hits
-LOOP = LoopConfig(total_steps=STEPS, log_every=1, save_every=SAVE_EVERY, progress=False,
-                  tensorboard=False, eval_at_start=False)
-OPT = OptimizerConfig(learning_rate=1e-3, schedule="constant", total_steps=STEPS)
+LOOP = LoopConfig(total_steps=STEPS, log_every=1, save_every=SAVE_EVERY, eval_at_start=False)
+OPT = OptimizerConfig(learning_rate=1e-3, schedule="constant")
 VOLATILE = ("time", "tokens_per_s")  # wall-clock figures, the only ones allowed to differ
 
 
@@ -52,24 +53,31 @@ def _configs(world, root: str) -> dict:
     sft_model = ModelSpec(path=world.sft["model_dir"])
     return {
         "sft": (sft, lambda d: sft.SFTConfig(
-            train_data=world.pref["sft"], tokenizer=world.tokenizer, output_dir=d, model=TINY,
-            max_length=48, packing=False, batch_size=20, optimizer=OPT, loop=LOOP,
-            on_overflow="truncate", mesh=None), {}),
+            data=DataConfig(train=world.pref["sft"], max_length=48, packing=False,
+                            batch_size=20, on_overflow="truncate"),
+            tokenizer=world.tokenizer, output_dir=d, model=TINY, optimizer=OPT, loop=LOOP,
+            logging=QUIET, mesh=None), {}),
         "dpo": (dpo, lambda d: dpo.DPOConfig(
-            train_data=world.pref["preference"], tokenizer=world.tokenizer, policy=sft_model,
-            output_dir=d, max_prompt_length=24, max_length=48, batch_size=20, optimizer=OPT,
-            loop=LOOP, mesh=None), {}),
+            data=DataConfig(train=world.pref["preference"], max_prompt_length=24,
+                            max_length=48, batch_size=20, on_overflow="truncate"),
+            tokenizer=world.tokenizer, policy=sft_model, output_dir=d, optimizer=OPT,
+            loop=LOOP, logging=QUIET, mesh=None), {}),
         "ppo": (ppo, lambda d: ppo.PPOConfig(
-            prompts=world.pref["prompts"], tokenizer=world.tokenizer, policy=sft_model,
-            reward_model=ModelSpec(path=world.rm["model_dir"]), output_dir=d,
-            max_prompt_length=24, max_new_tokens=6, rollout_batch_size=10, ppo_epochs=1,
-            num_minibatches=2, kl_controller="adaptive", kl_target=0.5, kl_horizon=100.0,
-            optimizer=OPT, loop=LOOP, mesh=None), {}),
+            data=DataConfig(train=world.pref["prompts"], max_prompt_length=24, batch_size=10),
+            tokenizer=world.tokenizer, policy=sft_model,
+            rewards=RewardConfig(model=ModelSpec(path=world.rm["model_dir"])), output_dir=d,
+            sampling=GenerationConfig(max_new_tokens=6),
+            algorithm=ppo.PPOAlgorithmConfig(epochs=1, num_minibatches=2),
+            kl=KLConfig(coef=0.05, mode="reward", controller="adaptive", target=0.5,
+                        horizon=100.0),
+            optimizer=OPT, loop=LOOP, logging=QUIET, mesh=None), {}),
         "grpo": (grpo, lambda d: grpo.GRPOConfig(
-            prompts=world.arith["train_prompts"], tokenizer=world.tokenizer, policy=sft_model,
-            output_dir=d, max_prompt_length=16, max_new_tokens=4, prompts_per_step=5,
-            group_size=2, num_minibatches=2, kl_coef=0.05, optimizer=OPT, loop=LOOP,
-            mesh=None),
+            data=DataConfig(train=world.arith["train_prompts"], max_prompt_length=16,
+                            batch_size=5),
+            tokenizer=world.tokenizer, policy=sft_model, output_dir=d,
+            sampling=GenerationConfig(max_new_tokens=4),
+            algorithm=grpo.GRPOAlgorithmConfig(group_size=2, num_minibatches=2),
+            kl=KLConfig(coef=0.05), optimizer=OPT, loop=LOOP, logging=QUIET, mesh=None),
             {"reward_fns": {"exact_match": exact_match_reward, "length": length_reward}}),
     }
 
@@ -80,11 +88,9 @@ class _Crash(Exception):
 
 def _run(module, cfg, kwargs, monkeypatch, *, crash_after: int | None = None) -> dict:
     """One invocation of the stage; records the step it started from; optionally crashes."""
-    import rlhf_jax.train as train_pkg
-
-    # the supervised stages reach the loop through pipelines.common.fit (which imports it from
-    # rlhf_jax.train when called); PPO and GRPO import it at module level
-    target = module if hasattr(module, "train_loop") else train_pkg
+    # the supervised stages reach the loop through train.supervised.fit, PPO and GRPO through
+    # pipelines.onpolicy.run_onpolicy; both import it at module level
+    target = onpolicy if module in (ppo, grpo) else train_supervised
     real = target.train_loop
     seen = {}
 
@@ -148,6 +154,9 @@ def test_resume_matrix(world, tmp_path, monkeypatch, stage):
     final = _run(module, cfg, kwargs, monkeypatch)
     assert final["first"] == 4 and final["steps"] == STEPS
 
+    if stage in ("ppo", "grpo"):  # the trained tree the comparison covers: critic included
+        want_keys = {"policy", "value"} if stage == "ppo" else {"policy"}
+        assert set(final["state"].params) == set(straight["state"].params) == want_keys
     assert_states_equal(final["state"], straight["state"])
     assert ledger(run_dir) == want_ledger
     got, want = _train_rows(run_dir), _train_rows(straight["run_dir"])

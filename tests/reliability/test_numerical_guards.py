@@ -22,12 +22,12 @@ import pytest
 
 from rlhf_jax.data import BatchIterator
 from rlhf_jax.pipelines import sft
-from rlhf_jax.pipelines.common import load_model
+from rlhf_jax.pipelines.setup import load_model
 from rlhf_jax.train import (Checkpointer, NonFiniteError, create_train_state, make_optimizer,
                             read_jsonl_metrics)
 from tests.helpers import assert_all_finite
 from tests.pipelines.common import flat
-from tests.reliability.conftest import TINY, crash_sft_config
+from tests.reliability.conftest import crash_sft_config
 
 POISON = -7
 
@@ -58,7 +58,8 @@ def _poison(monkeypatch, bad_steps) -> None:
 def _target(cfg):
     """An abstract TrainState of the run (to restore its checkpoints into)."""
     _, params = load_model(cfg.model, heads=("lm",), vocab_size=512, seed=cfg.seed)
-    return create_train_state(params, make_optimizer(cfg.optimizer), seed=cfg.seed)
+    return create_train_state(params, make_optimizer(cfg.optimizer, cfg.loop.total_steps),
+                              seed=cfg.seed)
 
 
 def _all_checkpoints(cfg) -> dict[int, object]:

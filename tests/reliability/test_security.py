@@ -1,7 +1,8 @@
 """We never run what a dataset or a model wrote, and never write outside the output directory.
 
-* The package and the experiments are scanned (``ast``) for code-running deserialisers and
-  evaluators; the scanner is itself tested on a file holding each pattern.
+* The package and the experiments are scanned with ruff's security rules (bandit's ``S`` rules
+  and the banned APIs of ``pyproject.toml``) for code-running deserialisers and evaluators; the
+  same rules are run on a planted file holding each pattern, so the scan can fail.
 * Weights load from safetensors only; shard indexes are checked before any file is opened
   (more cases in ``tests/models/test_hf.py``: ``test_pickle_only_directory_is_refused_with_
   conversion_hint``, ``test_bad_shard_names_are_refused_before_opening``,
@@ -15,11 +16,12 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -27,108 +29,84 @@ import pytest
 from rlhf_jax.data import (Dataset, Tokenizer, encode_preference, encode_prompts, encode_sft,
                            train_bpe_tokenizer)
 from rlhf_jax.models import load_hf_checkpoint
-from rlhf_jax.pipelines.common import (ModelSpec, export_model, load_model, prepare_run_dir,
-                                       write_json)
-from rlhf_jax.pipelines.rollouts import call_reward_fns
+from rlhf_jax.pipelines import DataConfig, ModelSpec
+from rlhf_jax.pipelines.run_dir import export_model, prepare_run_dir, write_json
+from rlhf_jax.pipelines.setup import load_model
 from rlhf_jax.pipelines.sft import SFTConfig
-from rlhf_jax.rewards import exact_match_reward, parse_expression, with_time_limit
+from rlhf_jax.rewards import (call_reward_fns, exact_match_reward, parse_expression,
+                              with_time_limit)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
 
 # ----------------------------------------------------------------------------- static scan
-BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve",
-                  "joblib"}
-BANNED_NAMES = {"eval", "exec", "compile", "__import__", "sympify", "parse_expr"}
-SAFE_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader"}
+# ruff's bandit rules and the banned APIs listed in pyproject.toml (TID251) do the scanning.
+SECURITY_RULES = (
+    "S102",  # exec
+    "S307",  # eval
+    "S301",  # pickle.load(s) and its wrappers (dill, shelve, ...)
+    "S302",  # marshal.load(s)
+    "S506",  # yaml.load with an unsafe Loader
+    "S602", "S604", "S605",  # shell=True, os.system / os.popen
+    "TID251",  # pickle & co. imports, sympy's parsers, torch.load, np.load, yaml.unsafe_load
+)
+# One planted line per pattern, with the rule that must flag it (None: must not be flagged).
+PLANTED = [
+    ("import pickle", "TID251"),
+    ("import marshal as m", "TID251"),
+    ("from shelve import open as shelf", "TID251"),
+    ("import dill", "TID251"),
+    ("from sympy import sympify", "TID251"),
+    ("from sympy.parsing.sympy_parser import parse_expr", "TID251"),
+    ("import os, subprocess, yaml, torch, numpy as np", None),
+    ("eval(text)", "S307"),
+    ("exec(text)", "S102"),
+    ("pickle.loads(blob)", "S301"),
+    ("m.loads(blob)", "S302"),
+    ("shelf(path)", "S301"),
+    ("yaml.load(text)", "S506"),
+    ("yaml.load(text, Loader=yaml.Loader)", "S506"),
+    ("yaml.unsafe_load(text)", "TID251"),
+    ("torch.load(path)", "TID251"),
+    ("np.load(path, allow_pickle=True)", "TID251"),
+    ("subprocess.run(text, shell=True)", "S602"),
+    ("os.system(text)", "S605"),
+]
+HARMLESS = ["import ast, json, re, yaml, jax", "from rlhf_jax.rewards import parse_expression",
+            "parse_expression(x)", "yaml.load(s, Loader=yaml.SafeLoader)", "yaml.safe_load(s)",
+            "re.compile('x')", "model.eval()", "ast.literal_eval(s)", "json.loads(s)",
+            "jax.jit(f)", "evaluate(x)", "subprocess.run(['git', 'status'])"]
 
 
-def _dotted(node: ast.AST) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return f"{_dotted(node.value)}.{node.attr}"
-    return ""
+def ruff_security(*paths: os.PathLike | str) -> list[dict]:
+    """ruff's findings (JSON) for ``SECURITY_RULES`` under the project's configuration."""
+    cmd = [sys.executable, "-m", "ruff", "check", "--no-cache", "--config",
+           str(ROOT / "pyproject.toml"), "--select", ",".join(SECURITY_RULES),
+           "--output-format", "json", *map(str, paths)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr  # 1: findings; anything else: ruff failed
+    return json.loads(proc.stdout)
 
 
-def scan_source(source: str, filename: str) -> list[str]:
-    """``file:line: what`` for each banned import or call in ``source``."""
-    hits = []
-
-    def hit(node, what):
-        hits.append((node.lineno, f"{filename}:{node.lineno}: {what}"))
-
-    for node in ast.walk(ast.parse(source, filename)):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.split(".")[0] in BANNED_MODULES:
-                    hit(node, f"import {alias.name}")
-        elif isinstance(node, ast.ImportFrom):
-            mod = (node.module or "").split(".")[0]
-            if mod in BANNED_MODULES:
-                hit(node, f"from {node.module} import ...")
-            for alias in node.names:
-                if alias.name in BANNED_NAMES or (mod == "yaml" and alias.name in (
-                        "load", "unsafe_load", "full_load")):
-                    hit(node, f"from {node.module} import {alias.name}")
-        elif isinstance(node, ast.Call):
-            name = _dotted(node.func)
-            last = name.rsplit(".", 1)[-1]
-            kwargs = {k.arg: k.value for k in node.keywords}
-            if isinstance(node.func, ast.Name) and last in BANNED_NAMES:
-                hit(node, f"call {name}()")
-            elif last in ("sympify", "parse_expr"):
-                hit(node, f"call {name}()")
-            elif name.split(".")[0] in BANNED_MODULES:
-                hit(node, f"call {name}()")
-            elif name in ("yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all"):
-                hit(node, f"call {name}()")
-            elif name in ("yaml.load", "yaml.load_all"):
-                loader = kwargs.get("Loader", node.args[1] if len(node.args) > 1 else None)
-                if loader is None or _dotted(loader).rsplit(".", 1)[-1] not in SAFE_LOADERS:
-                    hit(node, f"call {name}() without SafeLoader")
-            elif name in ("torch.load", "torch.jit.load"):
-                hit(node, f"call {name}()")
-            elif last in ("load", "loads") and name.split(".")[0] in ("np", "numpy", "jnp"):
-                allow = kwargs.get("allow_pickle")
-                if allow is not None and not (isinstance(allow, ast.Constant)
-                                              and allow.value is False):
-                    hit(node, f"call {name}(allow_pickle=...)")
-    return [text for _, text in sorted(hits)]
-
-
-def _sources():
-    for top in ("rlhf_jax", "experiments"):
-        yield from sorted((ROOT / top).rglob("*.py"))
-
-
-def test_scanner_finds_every_banned_pattern():
-    bad = "\n".join([
-        "import pickle", "import marshal as m", "from shelve import open",
-        "from sympy import sympify", "from sympy.parsing.sympy_parser import parse_expr",
-        "eval(x)", "exec(x)", "compile(x, 'f', 'exec')", "__import__('os')",
-        "sympy.sympify(x)", "sp.parsing.sympy_parser.parse_expr(x)",
-        "yaml.load(s)", "yaml.load(s, Loader=yaml.Loader)", "yaml.unsafe_load(s)",
-        "torch.load(p)", "np.load(p, allow_pickle=True)", "numpy.load(p, allow_pickle=flag)",
-        "pickle.loads(b)", "import dill",
-    ])
-    hits = scan_source(bad, "bad.py")
-    assert [h.split(":")[1] for h in hits] == [str(i) for i in range(1, 20)], hits
-    assert hits[11] == "bad.py:12: call yaml.load() without SafeLoader"
-    fine = "\n".join([
-        "parse_expression(x)", "yaml.load(s, Loader=yaml.SafeLoader)", "yaml.safe_load(s)",
-        "np.load(p)", "np.load(p, allow_pickle=False)", "re.compile('x')", "model.eval()",
-        "ast.literal_eval(s)", "json.loads(s)", "jax.jit(f)", "evaluate(x)",
-    ])
-    assert scan_source(fine, "fine.py") == []
+def test_ruff_flags_every_planted_pattern_and_nothing_harmless(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("\n".join(line for line, _ in PLANTED) + "\n")
+    found = sorted((f["location"]["row"], f["code"]) for f in ruff_security(bad))
+    want = [(i, code) for i, (_, code) in enumerate(PLANTED, 1) if code]
+    assert found == want
+    fine = tmp_path / "fine.py"
+    fine.write_text("\n".join(HARMLESS) + "\n")
+    assert ruff_security(fine) == []
 
 
 def test_package_and_experiments_run_nothing_a_dataset_wrote():
-    files = list(_sources())
-    assert len(files) > 40 and any(f.name == "verifiers.py" for f in files)
-    hits = [h for f in files for h in scan_source(f.read_text(encoding="utf-8"),
-                                                  str(f.relative_to(ROOT)))]
-    assert hits == [], "banned calls/imports:\n" + "\n".join(hits)
+    listed = subprocess.run([sys.executable, "-m", "ruff", "check", "--show-files",
+                             "rlhf_jax", "experiments"], cwd=ROOT, capture_output=True,
+                            text=True, check=True, timeout=120).stdout.splitlines()
+    assert len(listed) > 40 and any(f.endswith("rlhf_jax/rewards/verifiers.py") for f in listed)
+    hits = [f"{f['filename']}:{f['location']['row']}: {f['code']} {f['message']}"
+            for f in ruff_security("rlhf_jax", "experiments")]
+    assert hits == [], "code-running calls/imports:\n" + "\n".join(hits)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -230,7 +208,7 @@ def tok():
 
 
 def _cfg(out):
-    return SFTConfig(train_data="d.jsonl", tokenizer="t", output_dir=str(out))
+    return SFTConfig(data=DataConfig(train="d.jsonl"), tokenizer="t", output_dir=str(out))
 
 
 def test_prepare_run_dir_refuses_an_escaping_config_symlink(tmp_path):

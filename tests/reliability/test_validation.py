@@ -9,25 +9,36 @@ positions) are held to their messages the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import types
 
 import jax
+import numpy as np
 import pytest
 
+import rlhf_jax.train.onpolicy as train_onpolicy
+import rlhf_jax.train.rollout_eval as train_rollout_eval
+import rlhf_jax.train.step as train_step
+import rlhf_jax.train.supervised as train_supervised
 from rlhf_jax.data import (DataError, encode_sft, load_jsonl, train_bpe_tokenizer)
 from rlhf_jax.parallel import MeshConfig
-from rlhf_jax.pipelines import (ModelSpec, best_of_n, common, distill, dpo, grpo, ppo,
-                                reward_model, rollouts, sft)
+from rlhf_jax.pipelines import (DataConfig, GenerationConfig, LoggingConfig, LoopConfig,
+                                ModelSpec, OptimizerConfig, RewardConfig, best_of_n, datasets,
+                                distill, dpo, grpo, onpolicy, ppo, reward_model, run_dir, setup,
+                                sft, supervised)
 from rlhf_jax.rewards import exact_match_reward
-from rlhf_jax.train import LoopConfig
+from rlhf_jax.train import make_schedule, read_jsonl_metrics
 
-MODULES = (sft, reward_model, dpo, distill, ppo, grpo, best_of_n, rollouts, common)
+MODULES = (sft, reward_model, dpo, distill, ppo, grpo, best_of_n, onpolicy, supervised, setup,
+           datasets, run_dir, train_onpolicy, train_rollout_eval, train_step, train_supervised)
 TINY = ModelSpec(preset="toy-1m", overrides={"hidden_size": 32, "intermediate_size": 64,
                                              "num_layers": 1, "num_heads": 2,
                                              "num_kv_heads": 1})
-LOOP = LoopConfig(total_steps=1, progress=False, tensorboard=False)
+LOOP = LoopConfig(total_steps=1)
+QUIET = LoggingConfig(progress=False, tensorboard=False)
+OPT = OptimizerConfig(schedule="constant")  # no warmup: the stages' defaults exceed LOOP's 1
 
 
 class Compiled(Exception):
@@ -97,32 +108,52 @@ def _write(path, lines):
     return str(path)
 
 
+DATA_FIELDS = {f.name for f in dataclasses.fields(DataConfig)}
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
+ALGORITHMS = {"ppo": ppo.PPOAlgorithmConfig, "grpo": grpo.GRPOAlgorithmConfig}
+
+
 def _cfg(stage: str, data: str, tok: str, out: str, **kw):
-    """A small config of ``stage`` reading ``data``; ``kw`` overrides fields."""
-    common_kw = dict(tokenizer=tok, output_dir=out, seed=0)
+    """A small config of ``stage`` reading ``data``; ``kw`` overrides fields, by their name in
+    their block (``batch_size``, ``eval`` ... of ``data``; ``max_new_tokens`` of ``sampling``;
+    ``group_size``, ``num_minibatches`` ... of ``algorithm``) or at the top level."""
+    data_kw = dict(train=data, batch_size=2, max_prompt_length=8, max_length=16)
+    sampling_kw = dict(max_new_tokens=4)
+    algorithm_kw = dict(ppo=dict(num_minibatches=1), grpo=dict(group_size=2)).get(stage, {})
+    top = dict(tokenizer=tok, output_dir=out, seed=0)
+    if stage != "best_of_n":
+        top |= dict(loop=LOOP, logging=QUIET, optimizer=OPT, mesh=None)
+    for key, value in kw.items():
+        if key in DATA_FIELDS:
+            data_kw[key] = value
+        elif key in SAMPLING_FIELDS and stage in ("ppo", "grpo", "best_of_n"):
+            sampling_kw[key] = value
+        elif stage in ALGORITHMS and key in {f.name for f in
+                                             dataclasses.fields(ALGORITHMS[stage])}:
+            algorithm_kw[key] = value
+        else:
+            top[key] = value
     if stage in ("sft", "distill"):
-        base = dict(train_data=data, max_length=16, batch_size=2, loop=LOOP,
-                    mesh=None)
+        cfg_data = DataConfig(**data_kw)
         if stage == "sft":
-            return sft.SFTConfig(**common_kw, **(base | dict(model=TINY) | kw))
-        return distill.DistillConfig(**common_kw, **(base | dict(teacher=TINY, student=TINY)
-                                                     | kw))
+            return sft.SFTConfig(**(dict(data=cfg_data, model=TINY) | top))
+        return distill.DistillConfig(**(dict(data=cfg_data, teacher=TINY, student=TINY) | top))
     if stage in ("reward_model", "dpo"):
-        base = dict(train_data=data, max_prompt_length=8, max_length=16, batch_size=2,
-                    loop=LOOP, mesh=None, on_overflow="error")
+        cfg_data = DataConfig(**(dict(on_overflow="error") | data_kw))
         if stage == "reward_model":
-            return reward_model.RewardModelConfig(**common_kw, **(base | dict(model=TINY) | kw))
-        return dpo.DPOConfig(**common_kw, **(base | dict(policy=TINY) | kw))
-    base = dict(prompts=data, policy=TINY, max_prompt_length=8, max_new_tokens=4)
+            return reward_model.RewardModelConfig(**(dict(data=cfg_data, model=TINY) | top))
+        return dpo.DPOConfig(**(dict(data=cfg_data, policy=TINY) | top))
+    base = dict(data=DataConfig(**data_kw), policy=TINY,
+                sampling=GenerationConfig(**sampling_kw))
     if stage == "ppo":
-        return ppo.PPOConfig(**common_kw, **(base | dict(
-            reward_model=TINY, rollout_batch_size=2, num_minibatches=1, loop=LOOP,
-            mesh=None) | kw))
+        return ppo.PPOConfig(**(base | dict(rewards=RewardConfig(model=TINY),
+                                            algorithm=ppo.PPOAlgorithmConfig(**algorithm_kw))
+                                | top))
     if stage == "grpo":
-        return grpo.GRPOConfig(**common_kw, **(base | dict(
-            prompts_per_step=1, group_size=2, loop=LOOP, mesh=None) | kw))
-    return best_of_n.BestOfNConfig(**common_kw, **(base | dict(
-        reward_model=TINY, n=2, prompts_per_batch=2, progress=False) | kw))
+        return grpo.GRPOConfig(**(base | dict(algorithm=grpo.GRPOAlgorithmConfig(**algorithm_kw))
+                                  | top))
+    return best_of_n.BestOfNConfig(**(base | dict(rewards=RewardConfig(model=TINY),
+                                                  group_size=2, progress=False) | top))
 
 
 def _run(stage, cfg):
@@ -260,10 +291,8 @@ def test_empty_file_is_an_error(stage, tmp_path, tok_dir, no_build):
 def test_dataset_smaller_than_batch_is_refused_before_any_build(stage, tmp_path, tok_dir,
                                                                  no_build):
     data = _write(tmp_path / "train.jsonl", [GOOD[FMT[stage]]])
-    size = {"ppo": dict(rollout_batch_size=4), "grpo": dict(prompts_per_step=4)}.get(
-        stage, dict(batch_size=4))
     with pytest.raises(ValueError) as err:
-        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), **size))
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), batch_size=4))
     assert "the dataset has 1 examples, fewer than batch_size=4" in str(err.value)
 
 
@@ -272,9 +301,8 @@ def test_bad_eval_data_is_named_before_any_build(stage, tmp_path, tok_dir, no_bu
     good = GOOD[FMT[stage]]
     data = _write(tmp_path / "train.jsonl", [good] * 4)
     bad = _write(tmp_path / "eval.jsonl", [good, good, good | {"prompt": []}])
-    key = "eval_prompts" if stage in ("ppo", "grpo") else "eval_data"
     with pytest.raises(DataError) as err:
-        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), **{key: bad}))
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), eval=bad))
     assert str(err.value) == (f"{bad}:3: field 'prompt': expected a non-empty string, "
                               f"got list")
 
@@ -286,7 +314,7 @@ def test_eval_set_smaller_than_batch_is_refused_before_any_build(stage, tmp_path
     data = _write(tmp_path / "train.jsonl", [good] * 4)
     evals = _write(tmp_path / "eval.jsonl", [good])
     with pytest.raises(ValueError, match=r"^evaluation set has 1 rows < batch size 2$"):
-        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), eval_data=evals))
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), eval=evals))
 
 
 # ----------------------------------------------------------------------------- skip and count
@@ -323,12 +351,13 @@ def test_batch_not_divisible_by_devices(tmp_path, tok_dir, no_build):
     with pytest.raises(ValueError) as err:
         _run("sft", _cfg("sft", data, tok_dir, str(tmp_path / "run"), batch_size=12,
                          mesh=MeshConfig()))
-    assert str(err.value) == ("batch_size 12 is not divisible by data x fsdp = 8 (mesh "
+    assert str(err.value) == ("data.batch_size 12 is not divisible by data x fsdp = 8 (mesh "
                               "{'data': 8, 'fsdp': 1, 'tensor': 1} over 8 devices); change "
-                              "batch_size or the mesh (mesh=None: one device)")
+                              "data.batch_size or the mesh (mesh=None: one device)")
     data = _write(tmp_path / "prompts.jsonl", [GOOD["prompt"]] * 6)
-    with pytest.raises(ValueError, match="^rollout_batch_size 6 is not divisible by data x fsdp = 8"):
-        _run("ppo", _cfg("ppo", data, tok_dir, str(tmp_path / "ppo"), rollout_batch_size=6,
+    with pytest.raises(ValueError,
+                       match="^data.batch_size 6 is not divisible by data x fsdp = 8"):
+        _run("ppo", _cfg("ppo", data, tok_dir, str(tmp_path / "ppo"), batch_size=6,
                          num_minibatches=2, mesh=MeshConfig()))
 
 
@@ -336,23 +365,24 @@ def test_batch_not_divisible_by_devices(tmp_path, tok_dir, no_build):
 def test_batch_not_divisible_by_micro_batches(stage, tmp_path):
     with pytest.raises(ValueError) as err:
         _cfg(stage, "d.jsonl", "tok", str(tmp_path), batch_size=8, micro_batches=3)
-    assert str(err.value) == "batch_size 8 is not divisible by micro_batches 3"
+    assert str(err.value) == "data.batch_size 8 is not divisible by micro_batches 3"
 
 
 def test_group_size_one_is_rejected():
     with pytest.raises(ValueError) as err:
         _cfg("grpo", "p.jsonl", "tok", "out", group_size=1)
-    assert str(err.value) == "group_size must be >= 2 for group baselines, got 1"
+    assert str(err.value) == "algorithm.group_size must be >= 2 for group baselines, got 1"
 
 
 def test_rollout_batch_not_divisible_by_minibatches():
     with pytest.raises(ValueError) as err:
-        _cfg("ppo", "p.jsonl", "tok", "out", rollout_batch_size=10, num_minibatches=4)
-    assert str(err.value) == "rollout_batch_size 10 is not divisible by num_minibatches 4"
+        _cfg("ppo", "p.jsonl", "tok", "out", batch_size=10, num_minibatches=4)
+    assert str(err.value) == ("data.batch_size 10 is not divisible by "
+                              "algorithm.num_minibatches 4")
     with pytest.raises(ValueError) as err:
-        _cfg("grpo", "p.jsonl", "tok", "out", prompts_per_step=3, group_size=3,
-             num_minibatches=2)
-    assert str(err.value) == "prompts_per_step * group_size must be divisible by num_minibatches"
+        _cfg("grpo", "p.jsonl", "tok", "out", batch_size=3, group_size=3, num_minibatches=2)
+    assert str(err.value) == ("data.batch_size * algorithm.group_size = 9 must be divisible by "
+                              "algorithm.num_minibatches 2")
 
 
 SMALL_CONTEXT = ModelSpec(preset="toy-1m", overrides=dict(TINY.overrides,
@@ -362,18 +392,19 @@ SMALL_CONTEXT = ModelSpec(preset="toy-1m", overrides=dict(TINY.overrides,
 @pytest.mark.parametrize("stage,who,extra", [
     ("ppo", "policy", {}), ("ppo", "critic", {"value_init": SMALL_CONTEXT}),
     ("ppo", "reward", {"value_model": "shared"}), ("grpo", "policy", {}),
-    ("grpo", "reference", {}), ("grpo", "reward", {}), ("best_of_n", "policy", {}), ("best_of_n", "reward", {})])
+    ("grpo", "reference", {}), ("grpo", "reward", {}), ("best_of_n", "policy", {}),
+    ("best_of_n", "reward", {})])
 def test_prompt_plus_completion_must_fit_the_cache(stage, who, extra, tmp_path, tok_dir,
                                                    no_jit):
     data = _write(tmp_path / "prompts.jsonl", [GOOD["prompt"]] * 4)
-    field = {"reward": "reward_model", "critic": "policy"}.get(who, who)
-    kw = {field: SMALL_CONTEXT} if who != "critic" else {}
+    kw = {"policy": dict(policy=SMALL_CONTEXT), "reference": dict(reference=SMALL_CONTEXT),
+          "reward": dict(rewards=RewardConfig(model=SMALL_CONTEXT)), "critic": {}}[who]
     with pytest.raises(ValueError) as err:
         _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), max_prompt_length=8,
                          max_new_tokens=4, **kw, **extra))
     assert str(err.value) == (
-        f"max_prompt_length 8 + max_new_tokens 4 = 12 tokens exceeds the {who} model's "
-        f"max_position_embeddings 10 (the KV cache and position limit); lower "
+        f"data.max_prompt_length 8 + sampling.max_new_tokens 4 = 12 tokens exceeds the {who} "
+        f"model's max_position_embeddings 10 (the KV cache and position limit); lower "
         f"max_prompt_length or max_new_tokens")
 
 
@@ -383,7 +414,7 @@ def test_prompt_plus_completion_that_fits_reaches_the_sampler(tmp_path, tok_dir,
                                                      max_position_embeddings=12))
     with pytest.raises(Compiled, match="make_sampler"):
         _run("best_of_n", _cfg("best_of_n", data, tok_dir, str(tmp_path / "run"),
-                               policy=fits, reward_model=fits))
+                               policy=fits, rewards=RewardConfig(model=fits)))
 
 
 def test_run_dir_is_only_config_json_after_a_data_error(tmp_path, tok_dir, no_build):
@@ -392,3 +423,47 @@ def test_run_dir_is_only_config_json_after_a_data_error(tmp_path, tok_dir, no_bu
     with pytest.raises(DataError):
         _run("sft", _cfg("sft", data, tok_dir, str(out)))
     assert sorted(os.listdir(out)) == ["config.json"]
+
+
+# ----------------------------------------------------------------------------- optimizer vs run
+def test_nan_learning_rate_is_refused_at_config_time():
+    with pytest.raises(ValueError, match="learning_rate") as err:
+        OptimizerConfig(learning_rate=float("nan"))
+    assert "nan" in str(err.value)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward_model", "dpo", "distill", "ppo", "grpo"])
+def test_warmup_longer_than_the_run_is_refused_before_anything_is_written(stage, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError) as err:
+        _cfg(stage, "d.jsonl", "tok", str(out), optimizer=OptimizerConfig(warmup_steps=5),
+             loop=LoopConfig(total_steps=4))
+    assert str(err.value) == ("optimizer.warmup_steps 5 exceeds the run's loop.total_steps 4; "
+                              "lower warmup_steps")
+    assert not out.exists()
+
+
+def test_finished_run_is_extended_by_raising_total_steps(tmp_path, tok_dir):
+    """The fix a finished run needs to train longer, a larger ``loop.total_steps`` in the same
+    ``output_dir``, is no "different config"; the schedule is then the longer run's."""
+    data = _write(tmp_path / "train.jsonl", [GOOD["prompt_completion"]] * 4)
+    opt = OptimizerConfig(learning_rate=1e-2, schedule="linear", min_lr_ratio=0.1)
+    out = str(tmp_path / "run")
+
+    def run(steps):
+        return _run("sft", _cfg("sft", data, tok_dir, out, optimizer=opt,
+                                loop=LoopConfig(total_steps=steps, log_every=1)))
+
+    first = run(2)
+    assert (first["steps"], first["complete"]) == (2, True)
+    second = run(4)
+    assert (second["steps"], second["complete"]) == (4, True)
+    rows = [r for r in read_jsonl_metrics(os.path.join(out, "metrics.jsonl"))
+            if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    short, long = make_schedule(opt, 2), make_schedule(opt, 4)
+    want = [float(short(0)), float(short(1)), float(long(2)), float(long(3))]
+    assert float(short(2)) != want[2]  # the extension decays over 4 steps, not 2
+    np.testing.assert_allclose([r["learning_rate"] for r in rows], want, rtol=1e-6)
+    with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["loop"]["total_steps"] == 4

@@ -109,7 +109,7 @@ def test_accumulate_sums_hand():
 
 def test_micro_batches_adamw_equal():
     opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant",
-                                         weight_decay=0.1, max_grad_norm=0.5))
+                                         weight_decay=0.1, max_grad_norm=0.5), 1000)
     batch = toy_batch(3, counts=COUNTS)
     outs = []
     for k in (1, 4):
@@ -134,7 +134,7 @@ def test_indivisible_batch_and_bad_micro_batches_raise(sgd_steps):
 
 
 def test_non_finite_skips_bitwise_and_counts():
-    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant"))
+    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="constant"), 1000)
     step = make_train_step(toy_loss, opt, micro_batches=2)
     good = toy_batch(4, counts=COUNTS)
     bad = toy_batch(5, counts=COUNTS)
@@ -176,7 +176,7 @@ def test_infinite_loss_with_finite_grad_is_skipped():
 @pytest.mark.parametrize("k, b", [(1, 8), (2, 16)])
 def test_mesh_equals_single_device(k, b):
     assert jax.device_count() == 8
-    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="cosine", total_steps=10))
+    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, schedule="cosine"), 10)
     counts = (COUNTS * 2)[:b]
     single = make_train_step(toy_loss, opt, micro_batches=k)
     sharded = make_train_step(toy_loss, opt, micro_batches=k, mesh=data_parallel_mesh())
@@ -193,9 +193,8 @@ def test_mesh_equals_single_device(k, b):
 
 
 def test_learning_rate_metric_equals_schedule():
-    cfg = OptimizerConfig(learning_rate=0.2, schedule="linear", warmup_steps=2, total_steps=6,
-                          min_lr_ratio=0.5)
-    opt, sched = make_optimizer(cfg), make_schedule(cfg)
+    cfg = OptimizerConfig(learning_rate=0.2, schedule="linear", warmup_steps=2, min_lr_ratio=0.5)
+    opt, sched = make_optimizer(cfg, 6), make_schedule(cfg, 6)
     step = make_train_step(toy_loss, opt, learning_rate=sched)
     s = _state(opt)
     seen = []
@@ -252,7 +251,7 @@ def test_step_key_folds_step_into_loss():
     opt = optax.sgd(0.0)
     step = make_train_step(key_loss, opt)
     s = _state(opt, seed=7)
-    for t in range(2):
+    for _ in range(2):
         s, m = step(s, toy_batch(50))
         seen.append(np.asarray(m["key"]).astype(np.uint32))
     for t, halves in enumerate(seen):

@@ -1,0 +1,99 @@
+"""A stage's run directory: ``config.json`` (the run's identity, checked on resume), the exported
+Hugging Face model and ``result.json``. Only process 0 writes; every write is atomic and never
+goes through a link that leaves the directory (``rlhf_jax.fileio``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Mapping
+
+from rlhf_jax import parallel
+from rlhf_jax.data import Tokenizer
+from rlhf_jax.fileio import atomic_write_json, check_inside
+from rlhf_jax.models import ModelConfig, save_hf_checkpoint
+
+NOT_IDENTITY = ("loop", "mesh", "logging")
+"""Config blocks a restarted run may change: the loop (a finished run can be extended; the
+schedule follows its length), the mesh (checkpoints are mesh-independent) and the sinks."""
+
+
+def config_dict(value):
+    """A config dataclass as plain JSON-able data (nested blocks as nested objects)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: config_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): config_dict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [config_dict(v) for v in value]
+    return value
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic JSON write (``fileio.atomic_write_json``) by process 0 only."""
+    if parallel.is_main_process():
+        atomic_write_json(path, obj)
+
+
+def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = NOT_IDENTITY) -> str:
+    """Create ``output_dir`` and write ``config.json``; refuse to resume under another config.
+
+    A restarted run (same directory) must use the same config except for the blocks in
+    ``ignore``. Only process 0 writes the file.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "config.json")
+    check_inside(output_dir, path, "config.json")
+    new = {"kind": type(cfg).__name__} | config_dict(cfg)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        diff = sorted(k for k in set(old) | set(new)
+                      if k not in ignore and old.get(k) != new.get(k))
+        if diff:
+            raise ValueError(f"{output_dir} holds a run with a different config (fields {diff}); "
+                             f"choose another output_dir or delete the old run")
+    write_json(path, new)
+    return output_dir
+
+
+def export_model(directory: str, config: ModelConfig, params, tokenizer: Tokenizer) -> str:
+    """Write params as a Hugging Face checkpoint plus the tokenizer files into ``directory``.
+
+    ``directory`` must not be a symlink leading out of its parent (the run directory)."""
+    check_inside(os.path.dirname(os.path.abspath(directory)), directory, "the model directory")
+    host = parallel.fetch(params)  # every process joins the gather; process 0 writes
+    if parallel.is_main_process():
+        save_hf_checkpoint(directory, config, host)
+        tokenizer.save(directory)
+    parallel.barrier(f"export {directory}")  # the next stage, on every process, reads it
+    return directory
+
+
+def last_rows(run_dir: str) -> dict:
+    """The last train and eval rows of ``run_dir/metrics.jsonl`` (None when absent)."""
+    rows = []
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    return {split: next((r for r in reversed(rows) if r.get("split") == split), None)
+            for split in ("train", "eval")}
+
+
+def finish_run(run_dir: str, config: ModelConfig, params, tokenizer: Tokenizer, state, *,
+               total_steps: int, **extra) -> dict:
+    """Export the trained model to ``run_dir/model`` and write ``result.json``: paths, the step,
+    ``complete`` (False when a SIGTERM stopped the run before ``total_steps``: the exported model
+    is the checkpointed partial one, and a chain of stages should stop, not go on from it), and
+    the last train and eval rows of ``metrics.jsonl`` (read from disk, so a stage that was
+    already complete and only resumed reports the same figures)."""
+    model_dir = export_model(os.path.join(run_dir, "model"), config, params, tokenizer)
+    steps = int(state.step)
+    result = {"run_dir": run_dir, "model_dir": model_dir, "steps": steps,
+              "complete": steps >= total_steps} | last_rows(run_dir) | extra
+    write_json(os.path.join(run_dir, "result.json"), result)
+    parallel.barrier(f"finish {run_dir}")
+    return result

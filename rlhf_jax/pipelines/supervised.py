@@ -1,0 +1,22 @@
+"""The supervised stages' shared run: the task trained by ``train.supervised.fit`` on the
+stage's mesh, then the model exported and ``result.json`` written."""
+
+from __future__ import annotations
+
+from rlhf_jax.data import Tokenizer
+from rlhf_jax.pipelines.config import SupervisedConfig
+from rlhf_jax.pipelines.run_dir import config_dict, finish_run
+from rlhf_jax.pipelines.setup import model_shardings
+from rlhf_jax.train.supervised import SupervisedTask, fit
+
+
+def run_supervised(cfg: SupervisedConfig, task: SupervisedTask, *, run_dir: str, model,
+                   params, tokenizer: Tokenizer, mesh) -> dict:
+    """Train ``model`` on ``task`` (resumable), export it, write ``result.json``; returns the
+    result plus the final ``state`` and the ``model``."""
+    state = fit(cfg, task, run_dir=run_dir, params=params, mesh=mesh,
+                param_shardings=model_shardings(mesh, model.config, params),
+                hparams=config_dict(cfg))
+    result = finish_run(run_dir, model.config, state.params, tokenizer, state,
+                        total_steps=cfg.loop.total_steps)
+    return result | {"state": state, "model": model}
