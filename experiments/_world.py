@@ -33,26 +33,47 @@ class WorldConfig:
     """Fields every preference-world experiment shares (its config subclasses this)."""
 
     name: str = "default"
+    """Run name: everything goes to ``runs_root/name`` (the same name resumes)."""
     runs_root: str = "runs"
+    """Directory holding the runs."""
     seed: int = 0
+    """Seed of the data, the initialisation and every sample."""
     n_sft: int = 2000
+    """SFT demonstrations generated."""
     n_pref: int = 8000
+    """Preference pairs generated for the reward model (and DPO)."""
     n_prompts: int = 512
+    """Training prompts for the on-policy stages."""
     n_eval_prompts: int = 128
+    """Held-out prompts for evaluation."""
     vocab_size: int = 512
+    """BPE vocabulary trained on the task's text."""
     hidden_size: int = 128
+    """Model width."""
     intermediate_size: int = 344
+    """MLP width."""
     num_layers: int = 4
+    """Decoder layers."""
     num_heads: int = 4
+    """Attention heads."""
     num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
     sft_steps: int = 500
+    """SFT optimizer steps."""
     sft_batch_size: int = 32
+    """SFT rows per step."""
     sft_lr: float = 2e-3
+    """SFT peak learning rate."""
     rm_steps: int = 500
+    """Reward-model optimizer steps."""
     rm_batch_size: int = 32
+    """Reward-model pairs per step."""
     rm_lr: float = 5e-4
+    """Reward-model peak learning rate."""
     max_new_tokens: int = 20
+    """Completion length budget when sampling."""
     temperature: float = 1.0
+    """Sampling temperature."""
     mesh: str = "auto"
     """Device mesh: "auto" (data parallel over all devices), "none" (one device) or
     DATAxFSDPxTENSOR such as "2x4x1"."""
@@ -63,16 +84,25 @@ class PPOWorldConfig(WorldConfig):
     """Adds the PPO stage's settings."""
 
     ppo_steps: int = 80
+    """PPO iterations (rollout + updates)."""
     rollout_batch_size: int = 64
+    """Prompts sampled per PPO iteration."""
     ppo_epochs: int = 2
+    """Passes over each rollout."""
     num_minibatches: int = 2
+    """Optimizer updates per pass."""
     ppo_lr: float = 1e-4
+    """PPO learning rate (constant)."""
     kl_coef: float = 0.1
+    """KL coefficient beta (k1 in the per-token reward)."""
     kl_controller: str = "fixed"
+    """``fixed`` or ``adaptive``."""
     value_model: str = "separate"
+    """``separate`` critic (from the reward model) or ``shared`` value head."""
     missing_eos_penalty: float = 1.0
     """Score penalty for completions that never emit EOS (keeps PPO from rambling)."""
     eval_every: int = 10
+    """Evaluate on held-out prompts every this many PPO iterations."""
 
 
 def prepare(cfg: WorldConfig) -> tuple[str, dict, dict, str]:

@@ -77,6 +77,36 @@ def exact_match_rate(model_dir: str, tok: str, path: str, cfg: Config, *, temper
     return float(np.mean(hits)), list(zip(rows, texts))
 
 
+def sft_config(cfg: Config, paths: dict, tok: str, run_dir: str) -> sft.SFTConfig:
+    """The noisy-answer SFT stage."""
+    return sft.SFTConfig(
+        data=DataConfig(train=paths["sft"], max_length=32, packing=True, batch_size=32),
+        tokenizer=tok, output_dir=os.path.join(run_dir, "sft"),
+        model=ModelSpec(preset="toy-1m", overrides=common.model_overrides(cfg)), seed=cfg.seed,
+        mesh=parse_mesh(cfg.mesh),
+        optimizer=OptimizerConfig(
+            learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
+            weight_decay=0.01),
+        loop=LoopConfig(total_steps=cfg.sft_steps, log_every=20, save_every=cfg.sft_steps))
+
+
+def grpo_config(cfg: Config, paths: dict, tok: str, run_dir: str,
+                sft_dir: str) -> grpo.GRPOConfig:
+    """The GRPO-family stage from the SFT model, rewarded by exact match."""
+    return grpo.GRPOConfig(
+        data=DataConfig(train=paths["train_prompts"], eval=paths["eval_prompts"],
+                        max_prompt_length=MAX_PROMPT, batch_size=cfg.prompts_per_step),
+        tokenizer=tok, policy=ModelSpec(path=sft_dir),
+        algorithm=grpo.GRPOAlgorithmConfig(variant=cfg.variant, group_size=cfg.group_size),
+        output_dir=os.path.join(run_dir, "grpo"),
+        sampling=GenerationConfig(max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature),
+        kl=KLConfig(coef=cfg.kl_coef), seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
+        optimizer=OptimizerConfig(learning_rate=cfg.grpo_lr, schedule="constant"),
+        loop=LoopConfig(total_steps=cfg.grpo_steps, log_every=5, eval_every=cfg.eval_every,
+                        save_every=cfg.grpo_steps))
+
+
 def run(cfg: Config) -> dict:
     timer = common.Timer()
     run_dir = os.path.join(cfg.runs_root, cfg.name)
@@ -95,16 +125,7 @@ def run(cfg: Config) -> dict:
 
     data, tok = common.main_first(write)
     paths = data["paths"]
-    arch = common.model_overrides(cfg)
-    sft_res = timer("sft", sft.run, sft.SFTConfig(
-        data=DataConfig(train=paths["sft"], max_length=32, packing=True, batch_size=32),
-        tokenizer=tok, output_dir=os.path.join(run_dir, "sft"),
-        model=ModelSpec(preset="toy-1m", overrides=arch), seed=cfg.seed,
-        mesh=parse_mesh(cfg.mesh),
-        optimizer=OptimizerConfig(
-            learning_rate=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10),
-            weight_decay=0.01),
-        loop=LoopConfig(total_steps=cfg.sft_steps, log_every=20, save_every=cfg.sft_steps)))
+    sft_res = timer("sft", sft.run, sft_config(cfg, paths, tok, run_dir))
     seen = os.path.join(run_dir, "data", "train_prompts_subset.jsonl")
 
     def rates(model_dir):
@@ -118,19 +139,9 @@ def run(cfg: Config) -> dict:
         return out
 
     before = rates(sft_res["model_dir"])
-    grpo_res = timer("grpo", grpo.run, grpo.GRPOConfig(
-        data=DataConfig(train=paths["train_prompts"], eval=paths["eval_prompts"],
-                        max_prompt_length=MAX_PROMPT, batch_size=cfg.prompts_per_step),
-        tokenizer=tok, policy=ModelSpec(path=sft_res["model_dir"]),
-        algorithm=grpo.GRPOAlgorithmConfig(variant=cfg.variant, group_size=cfg.group_size),
-        output_dir=os.path.join(run_dir, "grpo"),
-        sampling=GenerationConfig(max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature),
-        kl=KLConfig(coef=cfg.kl_coef), seed=cfg.seed, mesh=parse_mesh(cfg.mesh),
-        optimizer=OptimizerConfig(learning_rate=cfg.grpo_lr, schedule="constant"),
-        loop=LoopConfig(total_steps=cfg.grpo_steps, log_every=5, eval_every=cfg.eval_every,
-                        save_every=cfg.grpo_steps)),
-        reward_fns={"exact_match": exact_match_reward})
+    grpo_res = timer("grpo", grpo.run, grpo_config(cfg, paths, tok, run_dir,
+                                                   sft_res["model_dir"]),
+                     reward_fns={"exact_match": exact_match_reward})
     after = rates(grpo_res["model_dir"])
     _, samples = exact_match_rate(grpo_res["model_dir"], tok, paths["eval_prompts"], cfg,
                                   temperature=0.0)

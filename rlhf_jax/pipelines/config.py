@@ -154,6 +154,13 @@ class RewardConfig:
                              f"{len(self.functions)} rewards.functions")
 
 
+def refuse_packing(data: DataConfig) -> None:
+    """Preference pairs are never packed (each side is its own row)."""
+    if data.packing:
+        raise ValueError("data.packing is for SFT and distillation; preference pairs are never "
+                         "packed")
+
+
 def _check_batch(cfg, divisor: int, what: str) -> None:
     if cfg.data.batch_size % divisor:
         raise ValueError(f"data.batch_size {cfg.data.batch_size} is not divisible by {what} "

@@ -21,7 +21,8 @@ from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
 from rlhf_jax.models import sequence_logprob_sums
 from rlhf_jax.parallel import batch_sharding, fetch
-from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConfig
+from rlhf_jax.pipelines.config import (ModelSpec, OptimizerConfig, SupervisedConfig,
+                                       refuse_packing)
 from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import load_model, make_mesh, model_shardings, place
@@ -86,9 +87,7 @@ class DPOConfig(SupervisedConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.data.packing:
-            raise ValueError("data.packing is for SFT and distillation; preference pairs are "
-                             "never packed")
+        refuse_packing(self.data)
 
 
 def reference_logps(model, params, pairs, batch_size: int,

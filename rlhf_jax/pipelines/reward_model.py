@@ -19,7 +19,8 @@ from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.models import token_batch_rewards
 from rlhf_jax.ops.stats import Mean
-from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConfig
+from rlhf_jax.pipelines.config import (ModelSpec, OptimizerConfig, SupervisedConfig,
+                                       refuse_packing)
 from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import load_model, make_mesh
@@ -56,9 +57,7 @@ class RewardModelConfig(SupervisedConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.data.packing:
-            raise ValueError("data.packing is for SFT and distillation; preference pairs are "
-                             "never packed")
+        refuse_packing(self.data)
 
 
 def make_reward_loss(model, *, margin: float | None = None, center_coef: float = 0.0):
