@@ -203,9 +203,11 @@ def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimi
         ro, adv_metrics = algo.advantages(ro, state.algo)
         if ro.live is None:
             ro = ro._replace(live=jnp.ones(reward.shape, bool))
+        # the scan gathers only what a loss reads: the sampler's log-probs already sit in
+        # old_logp when the policy is not scored again, and rewards are in the advantages
         params, opt_state, bad, up = minibatch_updates(
             lambda p, mb, k: loss_fn(p, mb, k, state.algo), optimizer, state.params,
-            state.opt_state, ro._replace(entropy=None),
+            state.opt_state, ro._replace(entropy=None, sampler_logp=None, rewards=None),
             jax.random.fold_in(step_key(state), 1), epochs=algo.epochs,
             num_minibatches=algo.num_minibatches)
         algo_state = state.algo
