@@ -1,11 +1,17 @@
 """Atomic file writes and the output-path check: the bottom layer, importing nothing of ours.
 
 Every file rlhf_jax writes in place (configs, results, JSONL data, tokenizer and model files,
-the ledger, metric truncation) goes through here: write a fresh temporary file in the same
-directory (``tempfile.mkstemp``: never a fixed ``*.tmp`` name a planted link could sit at),
-fsync it, set its mode, and ``os.replace`` it over the destination. A crash leaves the old
-file or the new one, never half of one; a symlink at the destination is replaced, never
-written through; on any error the temporary file is removed and the old file is untouched.
+the ledger, metric truncation) goes through here: create a fresh temporary file in the same
+directory (a random name opened with ``O_CREAT | O_EXCL``: never a fixed ``*.tmp`` name a
+planted link could sit at), fsync it, and ``os.replace`` it over the destination. A crash
+leaves the old file or the new one, never half of one; a symlink at the destination is
+replaced, never written through; on any error the temporary file is removed and the old file
+is untouched.
+
+Permissions are those a plain ``open(path, "w")`` gives: a new file gets ``0o666 & ~umask``
+(the temporary is created with mode 0o666 and the kernel applies the umask, so every file of
+an exported directory gets the same bits), an existing file keeps its own mode; ``mode=``
+sets them explicitly.
 """
 
 from __future__ import annotations
@@ -13,26 +19,54 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from typing import IO, Any, Iterator
 
 PathLike = str | os.PathLike[str]
 
 
-@contextlib.contextmanager
-def atomic_path(path: PathLike, *, mode: int = 0o644) -> Iterator[str]:
-    """A fresh temporary path beside ``path`` to write by name (for writers that take a
-    path, e.g. ``safetensors.numpy.save_file``); on a clean exit it is fsynced, given
-    ``mode`` and renamed over ``path``; on an error it is removed."""
-    name = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(name)),
-                               prefix=f".{os.path.basename(name)}.", suffix=".tmp")
-    os.close(fd)
+def _existing_mode(name: str) -> int | None:
+    """The permission bits of a regular file at ``name`` (kept on replace, as ``open`` keeps
+    them), or None: no file, or a symlink (which is replaced, never followed)."""
     try:
+        st = os.lstat(name)
+    except FileNotFoundError:
+        return None
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
+
+
+def _create_temporary(name: str) -> str:
+    """A new empty file beside ``name`` with a random name, created exclusively (a planted
+    file or link at that name fails the open) with mode 0o666 less the process umask."""
+    directory = os.path.dirname(os.path.abspath(name))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{os.path.basename(name)}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {name!r} after 100 tries")
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, mode: int | None = None) -> Iterator[str]:
+    """A fresh temporary path beside ``path`` to write by name (for writers that take a
+    path, e.g. ``safetensors.numpy.save_file``); on a clean exit it is fsynced and renamed
+    over ``path``; on an error it is removed. ``mode`` None: an existing file's permissions
+    are kept, a new file gets ``0o666 & ~umask`` (see the module docstring)."""
+    name = os.fspath(path)
+    keep = _existing_mode(name) if mode is None else mode
+    tmp = _create_temporary(name)
+    try:
+        if keep is None:  # what the kernel gave the new file: 0o666 & ~umask, read race-free
+            keep = stat.S_IMODE(os.stat(tmp).st_mode)
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp makes the file private (0600)
+        os.chmod(tmp, keep)  # also for writers that replace the path (safetensors: 0600)
         os.replace(tmp, name)  # replaces a symlink itself, never the file it points to
     finally:
         if os.path.lexists(tmp):
@@ -40,7 +74,8 @@ def atomic_path(path: PathLike, *, mode: int = 0o644) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: PathLike, *, binary: bool = False, mode: int = 0o644) -> Iterator[IO]:
+def atomic_open(path: PathLike, *, binary: bool = False,
+                mode: int | None = None) -> Iterator[IO]:
     """``open(path, "w")`` that commits atomically on a clean exit (UTF-8, ``\\n`` newlines;
     ``binary=True``: bytes). For streaming writers; see the module docstring."""
     with atomic_path(path, mode=mode) as tmp:
@@ -52,13 +87,13 @@ def atomic_open(path: PathLike, *, binary: bool = False, mode: int = 0o644) -> I
                 yield f
 
 
-def atomic_write(path: PathLike, data: str | bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` (str: UTF-8) to ``path`` atomically with permissions ``mode``."""
+def atomic_write(path: PathLike, data: str | bytes, *, mode: int | None = None) -> None:
+    """Write ``data`` (str: UTF-8) to ``path`` atomically (``mode``: see ``atomic_path``)."""
     with atomic_open(path, binary=isinstance(data, bytes), mode=mode) as f:
         f.write(data)
 
 
-def atomic_write_json(path: PathLike, obj: Any, *, mode: int = 0o644,
+def atomic_write_json(path: PathLike, obj: Any, *, mode: int | None = None,
                       sort_keys: bool = False) -> None:
     """``obj`` as indented JSON plus a final newline, written atomically."""
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n", mode=mode)

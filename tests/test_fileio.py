@@ -1,4 +1,5 @@
-"""Tests of rlhf_jax/fileio.py: content and permissions, a symlink at the destination replaced
+"""Tests of rlhf_jax/fileio.py: content and permissions (what ``open`` gives: umask for a new
+file, the old mode for a replaced one), a symlink at the destination replaced
 (its target untouched), a link leaving the root refused, and a failed write leaving the old file
 and no temporary behind."""
 
@@ -6,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import stat
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.numpy import save_file
 
 from rlhf_jax.fileio import (atomic_open, atomic_path, atomic_write, atomic_write_json,
                              check_inside)
@@ -18,6 +22,64 @@ from rlhf_jax.fileio import (atomic_open, atomic_path, atomic_write, atomic_writ
 
 def _mode(path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+@pytest.fixture(params=[0o022, 0o027, 0o002], ids=oct)
+def umask(request):
+    """Run the test under this umask (process-wide, restored after)."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+def test_new_files_get_what_open_gives(tmp_path, umask):
+    """Like ``open(path, "w")``: 0o666 less the umask, whichever writer made the file (the
+    by-name writer too: safetensors writes the temporary path), and the same as a plain file."""
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write(tmp_path / "a.txt", "a")
+    atomic_write_json(tmp_path / "c.json", {"x": 1})
+    with atomic_open(tmp_path / "b.bin", binary=True) as f:
+        f.write(b"b")
+    with atomic_path(tmp_path / "w.safetensors") as tmp:
+        save_file({"w": np.zeros(2, np.float32)}, tmp)
+    assert {p.name: _mode(p) for p in tmp_path.iterdir()} == dict.fromkeys(
+        ["plain.txt", "a.txt", "c.json", "b.bin", "w.safetensors"], 0o666 & ~umask)
+
+
+def test_existing_mode_is_kept_and_explicit_mode_wins(tmp_path):
+    target = tmp_path / "t.txt"
+    target.write_text("old")
+    os.chmod(target, 0o600)
+    atomic_write(target, "new")  # replacing keeps the file's mode, as open() does
+    assert (target.read_text(), _mode(target)) == ("new", 0o600)
+    atomic_write(target, "newer", mode=0o640)
+    assert _mode(target) == 0o640
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    os.chmod(victim, 0o600)
+    (tmp_path / "link").symlink_to(victim)  # a link is replaced; its target's mode is not taken
+    atomic_write(tmp_path / "link", "x")
+    assert _mode(tmp_path / "link") == 0o666 & ~_umask() and _mode(victim) == 0o600
+
+
+def test_a_planted_temporary_name_is_never_written_through(tmp_path, monkeypatch):
+    """The temporary is created exclusively: a file or link already at the drawn name is
+    skipped (a fresh name is drawn), never opened."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (tmp_path / ".t.txt.000000000000.tmp").symlink_to(victim)
+    names = iter(["000000000000", "111111111111"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(names))
+    atomic_write(tmp_path / "t.txt", "new")
+    assert (tmp_path / "t.txt").read_text() == "new" and victim.read_text() == "keep"
 
 
 def test_content_and_permissions(tmp_path):
@@ -28,7 +90,7 @@ def test_content_and_permissions(tmp_path):
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\xff"
     assert (tmp_path / "c.json").read_text() == ('{\n  "a": null,\n  "b": [\n    1,\n'
                                                  '    2.5\n  ]\n}\n')
-    assert (_mode(tmp_path / "a.txt"), _mode(tmp_path / "b.bin")) == (0o644, 0o600)
+    assert (_mode(tmp_path / "a.txt"), _mode(tmp_path / "b.bin")) == (0o666 & ~_umask(), 0o600)
     atomic_write(tmp_path / "a.txt", "new")  # replaces an existing file
     assert (tmp_path / "a.txt").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.bin", "c.json"]  # no temporaries

@@ -24,6 +24,7 @@ from rlhf_jax.fileio import atomic_path, atomic_write_json
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 VALUE_HEAD = "value_head.safetensors"
+GENERATION = "generation_config.json"
 _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _CONVERT_HINT = (

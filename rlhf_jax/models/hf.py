@@ -4,7 +4,10 @@
 by ``model.safetensors.index.json``) and returns ``(ModelConfig, params)`` for
 ``transformer.Model``; ``save_hf_checkpoint(dir, config, params)`` writes a directory that
 ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` loads with no missing or unexpected
-keys. Import then export then import is bitwise exact.
+keys. Import then export then import is bitwise exact. ``generation_config.json`` (sampling
+defaults and the bos/eos/pad ids ``generate()`` uses) is read by ``load_generation_config`` and
+written by ``save_hf_checkpoint(..., generation_config=...)``, which also copies the token ids
+into ``config.json``.
 
 Layout: torch ``Linear`` weights are ``[out, in]`` and are transposed to our ``[in, out]``
 kernels; embeddings and norms are copied. ``*ForSequenceClassification`` with one label maps to
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +40,8 @@ _PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 ARCHITECTURES = {f"{p}For{kind}": (fam, head) for fam, p in _PREFIX.items()
                  for kind, head in (("CausalLM", "lm"), ("SequenceClassification", "reward"))}
 _HARMLESS = re.compile(r"^(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+"""The generation_config.json keys that are token ids (also copied into config.json)."""
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -284,17 +290,65 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, dtype=None,
     return config, _nest(flat)
 
 
+def load_generation_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's ``generation_config.json`` (sampling defaults such as temperature and
+    top_p, and the bos/eos/pad token ids), or ``{}`` when it has none."""
+    root = io.real_dir(directory)
+    if not (root / io.GENERATION).exists():
+        return {}
+    return io.read_json(root, io.GENERATION)
+
+
+def _check_token_ids(generation: Mapping[str, Any]) -> dict[str, Any]:
+    """The token-id entries of ``generation`` (None values dropped), each an int (eos: or a
+    non-empty list of ints)."""
+    ids = {}
+    for key in TOKEN_ID_KEYS:
+        value = generation.get(key)
+        if value is None:
+            continue
+        values = value if key == "eos_token_id" and isinstance(value, list) else [value]
+        if not values or not all(type(v) is int and v >= 0 for v in values):
+            raise ValueError(f"generation_config {key} must be a non-negative int"
+                             f"{' or a non-empty list of them' if key == 'eos_token_id' else ''}"
+                             f", got {value!r}")
+        ids[key] = value
+    return ids
+
+
 def save_hf_checkpoint(directory: str | os.PathLike, config: ModelConfig, params: dict, *,
-                       max_shard_bytes: int | None = None) -> None:
+                       max_shard_bytes: int | None = None,
+                       generation_config: Mapping[str, Any] | None = None) -> None:
     """Export ``(config, params)`` as a Hugging Face checkpoint directory.
 
     Writes ``config.json``, ``model.safetensors`` (or ``model-XXXXX-of-YYYYY.safetensors`` shards
     of at most ``max_shard_bytes`` each plus ``model.safetensors.index.json``), and
     ``value_head.safetensors`` when ``config`` has a value head. Tensors are stored in
-    ``config.param_dtype``. The directory is created if missing; a file in it that is a symlink
-    leaving the directory is refused, and files are replaced by rename (never written through).
+    ``config.param_dtype``. With ``generation_config`` (a JSON object: sampling defaults plus
+    ``bos_token_id``/``eos_token_id``/``pad_token_id``) it is written as
+    ``generation_config.json`` and its token ids also go into ``config.json``; without it an
+    existing ``generation_config.json`` is left alone. The directory is created if missing; a
+    file in it that is a symlink leaving the directory is refused, and files are replaced by
+    rename (never written through).
     """
     hf = config_to_hf(config)
+    if generation_config is not None:
+        hf.update(_check_token_ids(generation_config))
+        generation_config = {k: v for k, v in generation_config.items() if v is not None}
+    weights, value_head = _export_tensors(config, params)
+    root = io.real_dir(directory, create=True)
+    io.write_weights(root, weights, max_shard_bytes)
+    if value_head:
+        io.write_tensors(root, io.VALUE_HEAD, value_head)
+    else:
+        io.child(root, io.VALUE_HEAD, "output file").unlink(missing_ok=True)
+    if generation_config is not None:
+        io.write_json(root, io.GENERATION, generation_config)
+    io.write_json(root, "config.json", hf)
+
+
+def _export_tensors(config: ModelConfig, params: dict) -> tuple[dict, dict]:
+    """``(weights, value head)``: Hugging Face names to contiguous arrays in torch layout."""
     names, shapes = _table(config)
     flat = _leaves(params)
     extra = sorted(str(p) for p in set(flat) - set(names))
@@ -310,10 +364,4 @@ def save_hf_checkpoint(directory: str | os.PathLike, config: ModelConfig, params
                              f"{tuple(shapes[path].shape)}")
         value = np.ascontiguousarray((value.T if transpose else value).astype(target))
         (value_head if name.startswith("value_head.") else weights)[name] = value
-    root = io.real_dir(directory, create=True)
-    io.write_weights(root, weights, max_shard_bytes)
-    if value_head:
-        io.write_tensors(root, io.VALUE_HEAD, value_head)
-    else:
-        io.child(root, io.VALUE_HEAD, "output file").unlink(missing_ok=True)
-    io.write_json(root, "config.json", hf)
+    return weights, value_head
