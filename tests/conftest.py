@@ -37,3 +37,14 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def chat_world(tmp_path_factory):
+    """A tiny ChatML checkpoint and one file per TRL data format (``tests/chat_world.py``)."""
+    from tests.chat_world import make_chat_world
+
+    return make_chat_world(tmp_path_factory.mktemp("chat_world"))

@@ -102,3 +102,61 @@ def test_pipeline_example_runs(tmp_path):
     proc = _run_python(code, tmp_path, pure=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+SHORT = ["--loop.total-steps", "2", "--loop.save-every", "2", "--loop.log-every", "1",
+         "--optimizer.warmup-steps", "0", "--logging.no-progress", "--logging.no-console",
+         "--data.max-length", "64", "--data.max-prompt-length", "32", "--data.batch-size", "4"]
+"""Appended to each README command: a 2-step run of short rows (the flags override the
+README's and the YAML's values; nothing else is changed)."""
+STAGE_SHORT = {"grpo": ["--sampling.max-new-tokens", "8", "--algorithm.group-size", "2"],
+               "ppo": ["--sampling.max-new-tokens", "8", "--algorithm.num-minibatches", "2"],
+               "best-of-n": ["--sampling.max-new-tokens", "8", "--group-size", "2",
+                             "--data.max-prompt-length", "32", "--data.batch-size", "4",
+                             "--no-progress"]}
+
+
+def _with_short(args: list[str]) -> list[str]:
+    """``args`` with the shortening flags placed before the first subcommand token (tyro reads
+    a block's flags before the subcommands that follow it) and ``mesh:none`` (one device)."""
+    stage = args[0]
+    if stage == "plot":
+        return args
+    extra = STAGE_SHORT.get(stage, []) + (SHORT if stage != "best-of-n" else [])
+    subs = [i for i, a in enumerate(args) if ":" in a and not a.startswith("-")
+            and not args[i - 1].startswith("--rewards.functions")]
+    cut = subs[0] if subs else len(args)
+    mesh = [] if stage == "best-of-n" else ["mesh:none"]
+    return args[:cut] + extra + args[cut:] + mesh
+
+
+def test_cli_commands_run(chat_world, tmp_path, monkeypatch):
+    """The README's "your own model and data" commands, verbatim, in order, on a tiny ChatML
+    checkpoint (``my-model``) and conversational data made here, each shortened to 2 steps."""
+    import json
+    import shlex
+    import shutil
+
+    from rlhf_jax import cli
+
+    shutil.copytree(chat_world["ckpt"], tmp_path / "my-model")
+    (tmp_path / "data").mkdir()
+    for name, src in (("chat", "messages"), ("prefs", "preference_chat"),
+                      ("prompts", "prompt_chat")):
+        shutil.copy(chat_world[src], tmp_path / "data" / f"{name}.jsonl")
+    (tmp_path / "my_rewards.py").write_text(
+        "def correct(prompts, completions, answer, **kw):\n"
+        "    return [float(c[0]['content'].strip() == a) for c, a in zip(completions, answer)]\n")
+    (tmp_path / "sft.yaml").write_text(_block("cli-yaml", "yaml"))
+    monkeypatch.chdir(tmp_path)
+    lines = [ln for ln in _block("cli-commands", "bash").splitlines() if ln.strip()]
+    assert {shlex.split(ln)[1] for ln in lines} == set(cli.STAGES) | {"plot"}
+    for line in lines:
+        args = shlex.split(line)
+        assert args[0] == "rlhf-jax"
+        assert cli.main(_with_short(args[1:])) == 0, line
+    for run in ("sft", "rm", "dpo", "grpo", "ppo", "distill"):
+        result = json.loads((tmp_path / "runs" / run / "result.json").read_text())
+        assert result["complete"] and result["steps"] == 2, run
+    assert (tmp_path / "runs" / "bon" / "best_of_n.jsonl").is_file()
+    assert (tmp_path / "runs" / "dpo" / "plots" / "train.png").is_file()

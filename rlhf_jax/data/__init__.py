@@ -1,4 +1,5 @@
-"""Data: tokenizers and chat templates, JSONL readers, encoders, batching/packing, iteration.
+"""Data: tokenizers and chat templates, TRL's dataset formats, JSONL / Parquet / ``datasets``
+readers, encoders, batching/packing, iteration.
 
 Nothing in ``rlhf_jax.ops`` or ``rlhf_jax.losses`` imports this package: the pure layer stays
 free of tokenizers, Jinja and file I/O.
@@ -18,17 +19,14 @@ from rlhf_jax.data.encode import (
     encode_preference,
     encode_prompts,
     encode_sft,
+    encode_unpaired,
 )
+from rlhf_jax.data.formats import FORMATS, detect_format, extract_prompt, is_conversation
 from rlhf_jax.data.iterator import BatchIterator
-from rlhf_jax.data.jsonl import (
-    FORMATS,
-    DataError,
-    Dataset,
-    detect_format,
-    load_jsonl,
-    write_jsonl,
-)
-from rlhf_jax.data.tokenizer import DEFAULT_SPECIAL_TOKENS, Tokenizer, train_bpe_tokenizer
+from rlhf_jax.data.jsonl import DataError, Dataset, load_jsonl, write_jsonl
+from rlhf_jax.data.readers import load_dataset, load_hf_dataset, load_parquet
+from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.data.train_tokenizer import DEFAULT_SPECIAL_TOKENS, train_bpe_tokenizer
 
 __all__ = [
     "BatchIterator",
@@ -45,7 +43,13 @@ __all__ = [
     "encode_preference",
     "encode_prompts",
     "encode_sft",
+    "encode_unpaired",
+    "extract_prompt",
+    "is_conversation",
+    "load_dataset",
+    "load_hf_dataset",
     "load_jsonl",
+    "load_parquet",
     "pack_token_batch",
     "pad_token_batch",
     "preference_batch",

@@ -28,17 +28,14 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from rlhf_jax.data import _chat_template as chat
-from rlhf_jax.data._chat_template import CHATML_TEMPLATE
 from rlhf_jax.fileio import atomic_write
 
-DEFAULT_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
 _TOKENIZER_FILE = "tokenizer.json"
 _CONFIG_FILE = "tokenizer_config.json"
 _SPECIAL_MAP_FILE = "special_tokens_map.json"
@@ -215,9 +212,10 @@ class Tokenizer:
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` so ``load`` gives back self.
 
-        EOS ids beyond the config's ``eos_token`` go to ``generation_config.json``; that file,
-        ``special_tokens_map.json`` and ``chat_template.jinja`` are updated in place when
-        present (so a model's other settings are kept and nothing stale overrides the config).
+        EOS ids beyond the config's ``eos_token`` go to ``generation_config.json``; that file
+        (its bos/eos/pad ids set by ``generation_config``), ``special_tokens_map.json`` and
+        ``chat_template.jinja`` are updated in place when present (so a model's other settings
+        are kept and nothing stale overrides the config).
         """
         root = _checked_dir(directory)
         root.mkdir(parents=True, exist_ok=True)
@@ -248,10 +246,8 @@ class Tokenizer:
                 _write_text(paths[_TEMPLATE_FILE], self.chat_template)
         generation = _read_json(root, _GENERATION_FILE)
         if generation or len(self.eos_ids) > 1:
-            generation["eos_token_id"] = list(self.eos_ids)
-            if self.bos_id is None:
-                generation.pop("bos_token_id", None)
-            _write_text(paths[_GENERATION_FILE], json.dumps(generation, indent=2))
+            _write_text(paths[_GENERATION_FILE],
+                        json.dumps(generation_config(self, generation), indent=2))
 
     # ----------------------------------------------------------------- text <-> ids
     @property
@@ -377,41 +373,41 @@ class Tokenizer:
         return ids, mask
 
 
-def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int,
-                        special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
-                        min_frequency: int = 2, bos_token: str | None = "<|bos|>",
-                        eos_token: str = "<|eos|>", pad_token: str | None = "<|pad|>",
-                        chat_template: str | None = CHATML_TEMPLATE) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on ``texts`` (for tests and the toy experiments).
+def generation_config(tokenizer: Tokenizer,
+                      base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``base`` (a ``generation_config.json``: temperature, top_p, ...) with its token ids
+    replaced by the tokenizer's, so ``transformers``' ``generate()`` stops where our sampler
+    does: ``bos_token_id`` (dropped when there is no BOS), ``eos_token_id`` (every EOS id: an
+    int when there is one, else a list) and ``pad_token_id``."""
+    out = {k: v for k, v in (base or {}).items()
+           if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if tokenizer.bos_id is not None:
+        out["bos_token_id"] = tokenizer.bos_id
+    eos = list(tokenizer.eos_ids)
+    out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    out["pad_token_id"] = tokenizer.pad_id
+    return out
 
-    Byte-level pre-tokenizer and decoder, no normaliser: every UTF-8 string round-trips,
-    ``decode(encode(x)) == x``. Training is deterministic for the same inputs. The special
-    tokens get the first ids, in order. With the default ChatML template, ``<|im_end|>`` is an
-    EOS id too: it ends assistant turns, so the sampler must stop on it.
-    """
-    specials = list(special_tokens)
-    needed = [t for t in (bos_token, eos_token, pad_token) if t is not None]
-    if chat_template == CHATML_TEMPLATE:
-        needed += ["<|im_start|>", "<|im_end|>"]
-    missing = [t for t in needed if t not in specials]
-    if missing:
-        raise ValueError(f"special_tokens {specials} lack {missing}")
-    if vocab_size < 256 + len(specials):
-        raise ValueError(f"vocab_size {vocab_size} < 256 bytes + {len(specials)} special tokens")
-    backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    backend.train_from_iterator(texts, trainer=trainer)
-    tid = backend.token_to_id
-    eos_ids = [tid(eos_token)]
-    if chat_template == CHATML_TEMPLATE and tid("<|im_end|>") not in eos_ids:
-        eos_ids.append(tid("<|im_end|>"))
-    return Tokenizer(
-        tokenizer_json=backend.to_str(), eos_ids=tuple(eos_ids),
-        pad_id=tid(pad_token) if pad_token is not None else eos_ids[0],
-        bos_id=tid(bos_token) if bos_token is not None else None,
-        chat_template=chat_template,
-        add_bos_token=bos_token is not None, add_eos_token=False)
+
+def check_compatible(a: Tokenizer, b: Tokenizer, *,
+                     names: tuple[str, str] = ("given", "checkpoint's")) -> None:
+    """Refuse two tokenizers that would not feed a model the same ids: they must have the same
+    vocabulary (``vocab_size`` and the token -> id map, added tokens included) and the same
+    ``bos_id``, ``eos_ids`` and ``pad_id``. The chat template and the add_bos/eos flags may
+    differ. The ValueError names each differing fact, e.g. ``eos_ids (2,) vs (0, 5)``."""
+    diffs = [f"{k} {getattr(a, k)!r} vs {getattr(b, k)!r}" for k in
+             ("vocab_size", "bos_id", "eos_ids", "pad_id") if getattr(a, k) != getattr(b, k)]
+    va, vb = (t._backend.get_vocab(with_added_tokens=True) for t in (a, b))
+    moved = sorted((t for t in va.keys() & vb.keys() if va[t] != vb[t]), key=va.get)
+    if moved:
+        t = moved[0]
+        diffs.append(f"{len(moved)} tokens map to other ids (e.g. {t!r} {va[t]} vs {vb[t]})")
+    for name, x, y in ((names[0], va, vb), (names[1], vb, va)):
+        if x.keys() - y.keys():
+            diffs.append(f"{len(x.keys() - y.keys())} tokens only in the {name} "
+                         f"(e.g. {min(x.keys() - y.keys(), key=x.get)!r})")
+    if diffs:
+        raise ValueError(f"the {names[0]} tokenizer and the {names[1]} tokenizer differ "
+                         f"({names[0]} vs {names[1]}): {'; '.join(diffs)}. A model reads the ids "
+                         "of the tokenizer it was trained with; use that one, or one with the "
+                         "same vocabulary and bos/eos/pad ids")

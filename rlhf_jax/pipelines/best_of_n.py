@@ -19,12 +19,12 @@ import jax
 import numpy as np
 
 from rlhf_jax import parallel
-from rlhf_jax.data import Tokenizer, decode_completions, write_jsonl
+from rlhf_jax.data import decode_completions, write_jsonl
 from rlhf_jax.models import sequence_rewards
 from rlhf_jax.pipelines.config import DataConfig, GenerationConfig, ModelSpec, RewardConfig
 from rlhf_jax.pipelines.datasets import load_prompts
 from rlhf_jax.pipelines.run_dir import prepare_run_dir, write_json
-from rlhf_jax.pipelines.setup import check_sequence_fits, load_model
+from rlhf_jax.pipelines.setup import check_sequence_fits, load_model, load_tokenizer
 from rlhf_jax.rewards import RewardFn, call_reward_fns
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 
@@ -35,8 +35,8 @@ class BestOfNConfig:
 
     data: DataConfig
     """Prompt JSONL (``data.train``); ``batch_size`` prompts are sampled at a time."""
-    tokenizer: str
-    """Directory with ``tokenizer.json`` (and ``tokenizer_config.json``)."""
+    tokenizer: str | None = None
+    """Tokenizer directory (default: the policy checkpoint's own)."""
     policy: ModelSpec
     """The model that samples."""
     rewards: RewardConfig
@@ -81,7 +81,10 @@ class _Tally:
         best = select_best(scores, n)[:len(prompt_rows)]
         groups = scores.reshape(-1, n)[:len(prompt_rows)]
         for row, flat, group in zip(prompt_rows, best, groups):
-            self.rows.append({"prompt": row["prompt"], "completion": texts[flat],
+            text = texts[flat]  # a conversational prompt gets an assistant-turn completion
+            completion = ([{"role": "assistant", "content": text}]
+                          if isinstance(row["prompt"], list) else text)
+            self.rows.append({"prompt": row["prompt"], "completion": completion,
                               "score": float(scores[flat]),
                               "group_mean_score": float(group.mean())})
         self.best += [float(scores[f]) for f in best]
@@ -103,15 +106,18 @@ def run(cfg: BestOfNConfig, *, eval_rewards: Mapping[str, RewardFn] | None = Non
     """Sample, score, select and write; returns the summary (also in ``result.json``).
     ``eval_rewards`` (e.g. a task's gold scorer) are reported on the selected and on all
     samples, so the gain can be checked against a reward the selector never saw."""
+    tokenizer = load_tokenizer(cfg.tokenizer, "policy", cfg.policy,
+                               others={"rewards.model": cfg.rewards.model},
+                               chat_template=cfg.data.chat_template)
     run_dir = prepare_run_dir(cfg, cfg.output_dir, ignore=())
-    tokenizer = Tokenizer.load(cfg.tokenizer)
-    prompts, rows = load_prompts(cfg.data.train, cfg.data, tokenizer)
+    report: dict = {}
+    prompts, rows = load_prompts(cfg.data.train, cfg.data, tokenizer, report=report)
     v, n, s = tokenizer.vocab_size, cfg.group_size, cfg.sampling
     policy, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)
     rm, rm_params = load_model(cfg.rewards.model, heads=("reward",), vocab_size=v,
                                seed=cfg.seed)
     check_sequence_fits({"policy": policy.config, "reward": rm.config},
-                        max_prompt_length=cfg.data.max_prompt_length,
+                        prompt_width=prompts.tokens.shape[1],
                         max_new_tokens=s.max_new_tokens)
     sample = make_sampler(policy, SamplingConfig(
         max_new_tokens=s.max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
@@ -143,7 +149,8 @@ def run(cfg: BestOfNConfig, *, eval_rewards: Mapping[str, RewardFn] | None = Non
     path = os.path.join(run_dir, "best_of_n.jsonl")
     if parallel.is_main_process():  # every process computed the same rows; one writes
         write_jsonl(path, tally.rows)
-    result = {"output": path, "prompts": len(rows), "group_size": n} | tally.summary()
+    result = ({"output": path, "prompts": len(rows), "group_size": n, "data": report}
+              | tally.summary())
     write_json(os.path.join(run_dir, "result.json"), result)
     parallel.barrier(f"best_of_n {run_dir}")  # the next stage reads the file
     return result

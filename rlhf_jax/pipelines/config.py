@@ -50,25 +50,31 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """The stage's data: JSONL files, examples per step, lengths and the bad-row policy."""
+    """The stage's data: files in TRL's formats, examples per step, lengths and the bad-row
+    policy. Defaults suit a real chat checkpoint; rows are padded only to the data's own
+    longest (``pipelines.datasets.bucket_length``), so short data stays cheap."""
 
     train: str
-    """Training JSONL: rows (SFT, distillation), pairs (reward model, DPO) or prompts (RL)."""
+    """Training data: a JSONL or Parquet file or a ``save_to_disk`` directory in a TRL format
+    (text, messages, prompt, prompt/completion, preference, unpaired preference; strings or
+    conversations)."""
     eval: str | None = None
-    """Held-out JSONL in the same format (None: no evaluation)."""
-    batch_size: int = 32
+    """Held-out data in the same format (None: no evaluation)."""
+    batch_size: int = 8
     """Examples per optimizer step: rows, pairs or prompts (RL samples ``group_size`` each)."""
-    max_prompt_length: int = 16
-    """Prompt tokens (preference and prompt data; prompts are left-padded to this)."""
-    max_length: int = 64
-    """Tokens per training row, prompt + response (SFT, reward model, DPO, distillation)."""
+    max_prompt_length: int = 512
+    """Longest prompt in tokens, chat template included (preference and prompt data)."""
+    max_length: int = 1024
+    """Longest training row, prompt + response (SFT, reward model, DPO, distillation)."""
     packing: bool = False
     """Pack whole examples first-fit into rows of ``max_length`` (SFT, distillation)."""
     on_overflow: str = "error"
-    """A row over its limit: ``error`` (names file and line), ``truncate`` (supervised stages)
-    or ``skip`` (counted and reported)."""
+    """A row over its limit: ``error`` (names file and line), ``truncate`` (supervised stages;
+    counted and reported) or ``skip`` (counted and reported)."""
     skip_invalid: bool = False
     """Skip (and count) malformed rows instead of stopping at the first."""
+    chat_template: str | None = None
+    """A Jinja chat-template file replacing the tokenizer's (None: the tokenizer's own)."""
 
     def __post_init__(self):
         if self.on_overflow not in ON_OVERFLOW:
@@ -84,7 +90,7 @@ class GenerationConfig:
     """How completions are sampled (training rollouts; evaluation samples greedily or not as
     each stage says)."""
 
-    max_new_tokens: int = 24
+    max_new_tokens: int = 256
     """Completion length budget; a completion without EOS by then is truncated (counted)."""
     temperature: float = 1.0
     """Softmax temperature; 0 means greedy."""
@@ -173,8 +179,8 @@ class SupervisedConfig:
 
     data: DataConfig
     """Training and evaluation data."""
-    tokenizer: str
-    """Directory with ``tokenizer.json`` (and ``tokenizer_config.json``)."""
+    tokenizer: str | None = None
+    """Tokenizer directory (default: the model checkpoint's own, e.g. the policy's path)."""
     output_dir: str
     """Run directory: config, metrics, checkpoints, the exported model."""
     micro_batches: int = 1
@@ -205,8 +211,8 @@ class OnPolicyConfig:
     data: DataConfig
     """Prompt JSONL (``prompt`` plus extra columns for reward functions); ``batch_size`` is
     prompts per step."""
-    tokenizer: str
-    """Directory with ``tokenizer.json`` (and ``tokenizer_config.json``)."""
+    tokenizer: str | None = None
+    """Tokenizer directory (default: the model checkpoint's own, e.g. the policy's path)."""
     policy: ModelSpec
     """The policy to train (usually the SFT model's directory)."""
     output_dir: str
@@ -219,7 +225,7 @@ class OnPolicyConfig:
     """Rollout sampling."""
     kl: KLConfig = KLConfig()
     """The KL leash to the reference."""
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, schedule="constant")
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-6, schedule="constant")
     """AdamW and its learning-rate schedule (its length is ``loop.total_steps``)."""
     loop: LoopConfig = LoopConfig(total_steps=100, log_every=5, eval_every=25, save_every=50)
     """Run length (iterations) and the log / eval / save cadence."""

@@ -15,14 +15,16 @@ import dataclasses
 
 import jax
 
-from rlhf_jax.data import BatchIterator, Tokenizer
+from rlhf_jax.data import BatchIterator
 from rlhf_jax.losses import DISTILL_LOSSES
 from rlhf_jax.models import token_batch_logits
 from rlhf_jax.ops import AGGREGATIONS
 from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConfig
-from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch
+from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch, row_length
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
-from rlhf_jax.pipelines.setup import load_model, make_mesh, model_shardings
+from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
+                                      load_tokenizer, make_mesh,
+                                      model_shardings)
 from rlhf_jax.pipelines.supervised import run_supervised
 from rlhf_jax.train.supervised import SupervisedTask
 
@@ -60,7 +62,7 @@ class DistillConfig(SupervisedConfig):
     """The student to train (a preset initialised fresh, or a checkpoint)."""
     algorithm: DistillAlgorithmConfig = DistillAlgorithmConfig()
     """The divergence."""
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, warmup_steps=10)
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-5, warmup_steps=10)
     """AdamW and its learning-rate schedule (its length is ``loop.total_steps``)."""
 
 
@@ -80,10 +82,18 @@ def make_distill_loss(student, teacher, algorithm: DistillAlgorithmConfig):
 
 def run(cfg: DistillConfig) -> dict:
     """Distil the teacher into the student; returns final metrics and paths."""
+    # a fresh (preset) student reads the teacher's tokenizer unless one is given
+    own = cfg.student.path is not None or cfg.tokenizer is not None
+    field, spec, others = (("student", cfg.student, {"teacher": cfg.teacher}) if own
+                           else ("teacher", cfg.teacher, {}))
+    tokenizer = load_tokenizer(cfg.tokenizer, field, spec, others=others,
+                               chat_template=cfg.data.chat_template)
+    generation = base_generation(cfg.student)
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
-    tokenizer = Tokenizer.load(cfg.tokenizer)
-    train = load_sft_batch(cfg.data.train, cfg.data, tokenizer)
-    evals = load_sft_batch(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else None
+    report: dict = {}  # rows per file, and those skipped or truncated
+    train = load_sft_batch(cfg.data.train, cfg.data, tokenizer, report=report)
+    evals = (load_sft_batch(cfg.data.eval, cfg.data, tokenizer, report=report)
+             if cfg.data.eval else None)
     # Every data and config check before the models are built or anything compiled.
     data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed)
     batches = fixed_batches(evals, cfg.data.batch_size) if evals is not None else None
@@ -91,6 +101,8 @@ def run(cfg: DistillConfig) -> dict:
     v = tokenizer.vocab_size
     teacher, teacher_params = load_model(cfg.teacher, heads=("lm",), vocab_size=v, seed=cfg.seed)
     student, params = load_model(cfg.student, heads=("lm",), vocab_size=v, seed=cfg.seed + 1)
+    check_length_fits({"teacher": teacher.config, "student": student.config},
+                      row_length(train, evals))
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"teacher vocab {teacher.config.vocab_size} != student vocab "
                          f"{student.config.vocab_size}: distillation needs a shared tokenizer")
@@ -100,4 +112,4 @@ def run(cfg: DistillConfig) -> dict:
         frozen_shardings=model_shardings(mesh, teacher.config, teacher_params),
         tokens_in=lambda b: int(b.attention_mask.sum()))
     return run_supervised(cfg, task, run_dir=run_dir, model=student, params=params,
-                          tokenizer=tokenizer, mesh=mesh)
+                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)

@@ -17,15 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.data import BatchIterator, Tokenizer
+from rlhf_jax.data import BatchIterator
 from rlhf_jax.losses import DPO_LOSSES, REFERENCE_FREE_LOSSES
 from rlhf_jax.models import sequence_logprob_sums
 from rlhf_jax.parallel import batch_sharding, fetch
 from rlhf_jax.pipelines.config import (ModelSpec, OptimizerConfig, SupervisedConfig,
                                        refuse_packing)
-from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs
+from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs, row_length
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
-from rlhf_jax.pipelines.setup import load_model, make_mesh, model_shardings, place
+from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
+                                      load_tokenizer, make_mesh,
+                                      model_shardings, place)
 from rlhf_jax.pipelines.supervised import run_supervised
 from rlhf_jax.train.supervised import SupervisedTask
 
@@ -82,7 +84,7 @@ class DPOConfig(SupervisedConfig):
     """Frozen reference (default: the initial policy); unused by SimPO and ORPO."""
     algorithm: DPOAlgorithmConfig = DPOAlgorithmConfig()
     """The loss and its hyperparameters."""
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-4, warmup_steps=10)
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-6, warmup_steps=10)
     """AdamW and its learning-rate schedule (its length is ``loop.total_steps``)."""
 
     def __post_init__(self):
@@ -126,28 +128,33 @@ def make_dpo_loss(model, algorithm: DPOAlgorithmConfig):
         both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), pairs.chosen, pairs.rejected)
         logps, lengths = sequence_logprob_sums(model, params, both)
         n = ref_c.shape[0]
+        live = jnp.any(pairs.chosen.loss_mask, -1)  # evaluation's filler pairs have none
         if reference_free:
-            return fn(logps[:n], logps[n:], lengths[:n], lengths[n:], **hyper)
-        return fn(logps[:n], logps[n:], ref_c, ref_r, **hyper)
+            return fn(logps[:n], logps[n:], lengths[:n], lengths[n:], pair_mask=live, **hyper)
+        return fn(logps[:n], logps[n:], ref_c, ref_r, pair_mask=live, **hyper)
 
     return loss_fn
 
 
 def run(cfg: DPOConfig) -> dict:
     """Train the policy on preferences; returns final metrics and paths."""
+    tokenizer = load_tokenizer(cfg.tokenizer, "policy", cfg.policy,
+                               others={"reference": cfg.reference},
+                               chat_template=cfg.data.chat_template)
+    generation = base_generation(cfg.policy)
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
-    tokenizer = Tokenizer.load(cfg.tokenizer)
-    train = load_pairs(cfg.data.train, cfg.data, tokenizer)
-    evals = load_pairs(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else None
+    report: dict = {}  # rows per file, and those skipped or truncated
+    train = load_pairs(cfg.data.train, cfg.data, tokenizer, report=report)
+    evals = (load_pairs(cfg.data.eval, cfg.data, tokenizer, report=report)
+             if cfg.data.eval else None)
     b = cfg.data.batch_size
     # Size checks before the models are built or anything compiled (the reference log-probs
     # travel with the data, so the iterator itself is built after them).
     BatchIterator(train, batch_size=b, seed=cfg.seed)
-    if evals is not None:
-        fixed_batches(evals, b)
     mesh = make_mesh(cfg.mesh, b)
     v = tokenizer.vocab_size
     model, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)
+    check_length_fits({"policy": model.config}, row_length(train, evals))
 
     def with_ref(pairs):
         n = pairs.chosen.tokens.shape[0]
@@ -163,4 +170,4 @@ def run(cfg: DPOConfig) -> dict:
         eval_batches=fixed_batches(with_ref(evals), b) if evals is not None else None,
         postfix=("loss", "rewards/accuracy"))
     return run_supervised(cfg, task, run_dir=run_dir, model=model, params=params,
-                          tokenizer=tokenizer, mesh=mesh)
+                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)

@@ -90,7 +90,7 @@ class GRPOAlgorithmConfig:
 
     variant: str = "grpo"
     """A key of ``VARIANTS``: grpo, dr_grpo, dapo, rloo, reinforce_pp."""
-    group_size: int = 4
+    group_size: int = 8
     """Completions sampled per prompt (the group of the baseline); >= 2."""
     epochs: int = 1
     """Passes over each rollout (mu in the GRPO paper)."""

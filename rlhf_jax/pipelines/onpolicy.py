@@ -20,7 +20,8 @@ from rlhf_jax.models import sequence_rewards
 from rlhf_jax.pipelines.config import OnPolicyConfig
 from rlhf_jax.pipelines.datasets import load_prompts
 from rlhf_jax.pipelines.run_dir import config_dict, finish_run, prepare_run_dir
-from rlhf_jax.pipelines.setup import check_sequence_fits, load_model, make_mesh
+from rlhf_jax.pipelines.setup import (base_generation, check_sequence_fits, load_model,
+                                      load_tokenizer, make_mesh)
 from rlhf_jax.rewards import RewardFn, resolve_reward_function
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import (Models, OnPolicyAlgorithm, OnPolicyEngine, Rewards, RolloutEval,
@@ -38,21 +39,34 @@ class Prepared:
     eval_prompts: Any
     eval_rows: list | None
     mesh: Any
+    generation: dict
+    """The policy checkpoint's generation config (its sampling defaults go into the export)."""
+    prompt_width: int
+    """The prompts' padded width (training and evaluation): the sampler's prompt slots."""
+    data_report: dict
+    """Rows per data file, and those skipped (``result.json``'s ``data``)."""
 
 
 def prepare(cfg: OnPolicyConfig, *, group_size: int) -> Prepared:
-    """Run directory, tokenizer, prompts and mesh: every data and config check before the
-    models are built or anything compiled."""
+    """Tokenizer (by default the policy checkpoint's, checked against every checkpoint's),
+    run directory, prompts and mesh: every data and config check before the models are built
+    or anything compiled."""
+    tokenizer = load_tokenizer(cfg.tokenizer, "policy", cfg.policy, others={
+        "reference": cfg.reference, "rewards.model": cfg.rewards.model,
+        "value_init": getattr(cfg, "value_init", None)}, chat_template=cfg.data.chat_template)
+    generation = base_generation(cfg.policy)
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
-    tokenizer = Tokenizer.load(cfg.tokenizer)
-    prompts, rows = load_prompts(cfg.data.train, cfg.data, tokenizer)
-    ev, ev_rows = (load_prompts(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval
-                   else (None, None))
+    report: dict = {}
+    prompts, rows = load_prompts(cfg.data.train, cfg.data, tokenizer, report=report)
+    ev, ev_rows = (load_prompts(cfg.data.eval, cfg.data, tokenizer, report=report)
+                   if cfg.data.eval else (None, None))
     index = np.arange(len(rows), dtype=np.int32)
     data = BatchIterator((prompts, index), batch_size=cfg.data.batch_size, seed=cfg.seed)
     what = "data.batch_size" + (f" * group_size ({group_size})" if group_size > 1 else "")
     mesh = make_mesh(cfg.mesh, cfg.data.batch_size * group_size, what=what)
-    return Prepared(run_dir, tokenizer, data, rows, ev, ev_rows, mesh)
+    width = max(prompts.tokens.shape[1], 0 if ev is None else ev.tokens.shape[1])
+    return Prepared(run_dir, tokenizer, data, rows, ev, ev_rows, mesh, generation, width,
+                    report)
 
 
 def reward_functions(cfg: OnPolicyConfig, given: Mapping[str, RewardFn] | None,
@@ -95,7 +109,7 @@ def load_models(cfg: OnPolicyConfig, prep: Prepared, *, value_model: str | None,
     models = Models(policy=policy, reference=reference if use_reference else None,
                     reward=reward, critic=critic, shared_values=shared)
     check_sequence_fits(models.configs() | {"reference": reference.config},
-                        max_prompt_length=cfg.data.max_prompt_length,
+                        prompt_width=prep.prompt_width,
                         max_new_tokens=cfg.sampling.max_new_tokens)
     return models, params, frozen, (reference, ref)
 
@@ -143,5 +157,6 @@ def run_onpolicy(cfg: OnPolicyConfig, algo: OnPolicyAlgorithm, *, prep: Prepared
                           logging=cfg.logging, hparams=config_dict(cfg))
     result = finish_run(prep.run_dir, models.policy.config, state.params["policy"],
                         prep.tokenizer, state, total_steps=cfg.loop.total_steps,
+                        generation=prep.generation, data=prep.data_report,
                         **(result_extra(state) if result_extra else {}))
     return result | {"state": state, "models": models, "evaluator": evaluator}

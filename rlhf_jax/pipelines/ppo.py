@@ -87,7 +87,7 @@ class PPOConfig(OnPolicyConfig):
     """PPO's hyperparameters."""
     kl: KLConfig = KLConfig(coef=0.05, mode="reward")
     """The KL leash (PPO default: k1 in the per-token reward)."""
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-5, schedule="constant")
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-6, schedule="constant")
     """AdamW and its learning-rate schedule (its length is ``loop.total_steps``)."""
 
     def __post_init__(self):

@@ -15,15 +15,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.data import BatchIterator, Tokenizer
+from rlhf_jax.data import BatchIterator
 from rlhf_jax.losses import bradley_terry_loss
 from rlhf_jax.models import token_batch_rewards
 from rlhf_jax.ops.stats import Mean
 from rlhf_jax.pipelines.config import (ModelSpec, OptimizerConfig, SupervisedConfig,
                                        refuse_packing)
-from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs
+from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs, row_length
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
-from rlhf_jax.pipelines.setup import load_model, make_mesh
+from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
+                                      load_tokenizer, make_mesh)
 from rlhf_jax.pipelines.supervised import run_supervised
 from rlhf_jax.train.supervised import SupervisedTask
 from rlhf_jax.types import PreferenceBatch
@@ -52,7 +53,7 @@ class RewardModelConfig(SupervisedConfig):
     """Usually the SFT model's directory (the reward head starts at zero)."""
     algorithm: BradleyTerryConfig = BradleyTerryConfig()
     """The loss."""
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-4, warmup_steps=10)
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-5, warmup_steps=10)
     """AdamW and its learning-rate schedule (its length is ``loop.total_steps``)."""
 
     def __post_init__(self):
@@ -68,10 +69,12 @@ def make_reward_loss(model, *, margin: float | None = None, center_coef: float =
         r = token_batch_rewards(model, params, both)
         n = batch.chosen.tokens.shape[0]
         m = None if margin is None else jnp.full((n,), margin, jnp.float32)
+        live = jnp.any(batch.chosen.loss_mask, -1)  # evaluation's filler pairs have none
         total, count, metrics = bradley_terry_loss(r[:n], r[n:], margin=m,
-                                                   center_coef=center_coef)
-        metrics["rewards/mean"] = Mean(jnp.sum(r), jnp.asarray(2.0 * n))
-        metrics["rewards/sq"] = Mean(jnp.sum(r * r), jnp.asarray(2.0 * n))
+                                                   center_coef=center_coef, pair_mask=live)
+        w = jnp.concatenate([live, live]).astype(jnp.float32)
+        metrics["rewards/mean"] = Mean(jnp.sum(w * r), 2.0 * jnp.sum(live, dtype=jnp.float32))
+        metrics["rewards/sq"] = Mean(jnp.sum(w * r * r), 2.0 * jnp.sum(live, dtype=jnp.float32))
         return total, count, metrics
 
     return loss_fn
@@ -84,19 +87,24 @@ def _with_std(out: dict) -> dict:
 
 def run(cfg: RewardModelConfig) -> dict:
     """Train and export the reward model; returns final train/eval metrics and paths."""
+    tokenizer = load_tokenizer(cfg.tokenizer, "model", cfg.model,
+                               chat_template=cfg.data.chat_template)
+    generation = base_generation(cfg.model)
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
-    tokenizer = Tokenizer.load(cfg.tokenizer)
-    train = load_pairs(cfg.data.train, cfg.data, tokenizer)
-    evals = load_pairs(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else None
+    report: dict = {}  # rows per file, and those skipped or truncated
+    train = load_pairs(cfg.data.train, cfg.data, tokenizer, report=report)
+    evals = (load_pairs(cfg.data.eval, cfg.data, tokenizer, report=report)
+             if cfg.data.eval else None)
     # Every data and config check before the model is built or anything compiled.
     data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed)
     batches = fixed_batches(evals, cfg.data.batch_size) if evals is not None else None
     mesh = make_mesh(cfg.mesh, cfg.data.batch_size)
     model, params = load_model(cfg.model, heads=("reward",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
+    check_length_fits({"model": model.config}, row_length(train, evals))
     loss_fn = make_reward_loss(model, margin=cfg.algorithm.margin,
                                center_coef=cfg.algorithm.center_coef)
     task = SupervisedTask(loss_fn=loss_fn, data=data, eval_batches=batches, eval_post=_with_std,
                           postfix=("loss", "rewards/accuracy"))
     return run_supervised(cfg, task, run_dir=run_dir, model=model, params=params,
-                          tokenizer=tokenizer, mesh=mesh)
+                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)

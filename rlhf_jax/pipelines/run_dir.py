@@ -8,12 +8,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable, Mapping
+import sys
+from typing import Any, Iterable, Mapping
 
 from rlhf_jax import parallel
 from rlhf_jax.data import Tokenizer
+from rlhf_jax.data.tokenizer import generation_config
 from rlhf_jax.fileio import atomic_write_json, check_inside
 from rlhf_jax.models import ModelConfig, save_hf_checkpoint
+from rlhf_jax.pipelines.datasets import summarize_report
+from rlhf_jax.train.plots import plot_run
 
 NOT_IDENTITY = ("loop", "mesh", "logging")
 """Config blocks a restarted run may change: the loop (a finished run can be extended; the
@@ -59,15 +63,21 @@ def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = NOT_IDENTIT
     return output_dir
 
 
-def export_model(directory: str, config: ModelConfig, params, tokenizer: Tokenizer) -> str:
+def export_model(directory: str, config: ModelConfig, params, tokenizer: Tokenizer, *,
+                 generation: Mapping[str, Any] | None = None) -> str:
     """Write params as a Hugging Face checkpoint plus the tokenizer files into ``directory``.
 
+    ``generation_config.json`` holds ``generation`` (the base checkpoint's, so its sampling
+    defaults such as temperature and top_p are kept) with the tokenizer's bos/eos/pad ids in
+    place of its own; ``config.json`` gets those ids too, so ``transformers``' ``generate()``
+    stops at every EOS id the sampler stops at (a chat model's end-of-turn token included).
     ``directory`` must not be a symlink leading out of its parent (the run directory)."""
     check_inside(os.path.dirname(os.path.abspath(directory)), directory, "the model directory")
     host = parallel.fetch(params)  # every process joins the gather; process 0 writes
     if parallel.is_main_process():
-        save_hf_checkpoint(directory, config, host)
         tokenizer.save(directory)
+        save_hf_checkpoint(directory, config, host,
+                           generation_config=generation_config(tokenizer, generation))
     parallel.barrier(f"export {directory}")  # the next stage, on every process, reads it
     return directory
 
@@ -84,16 +94,23 @@ def last_rows(run_dir: str) -> dict:
 
 
 def finish_run(run_dir: str, config: ModelConfig, params, tokenizer: Tokenizer, state, *,
-               total_steps: int, **extra) -> dict:
+               total_steps: int, generation: Mapping[str, Any] | None = None,
+               **extra) -> dict:
     """Export the trained model to ``run_dir/model`` and write ``result.json``: paths, the step,
     ``complete`` (False when a SIGTERM stopped the run before ``total_steps``: the exported model
     is the checkpointed partial one, and a chain of stages should stop, not go on from it), and
     the last train and eval rows of ``metrics.jsonl`` (read from disk, so a stage that was
-    already complete and only resumed reports the same figures)."""
-    model_dir = export_model(os.path.join(run_dir, "model"), config, params, tokenizer)
+    already complete and only resumed reports the same figures). ``generation``: the base
+    checkpoint's generation config, see ``export_model``."""
+    model_dir = export_model(os.path.join(run_dir, "model"), config, params, tokenizer,
+                             generation=generation)
     steps = int(state.step)
     result = {"run_dir": run_dir, "model_dir": model_dir, "steps": steps,
               "complete": steps >= total_steps} | last_rows(run_dir) | extra
     write_json(os.path.join(run_dir, "result.json"), result)
+    lost = summarize_report(extra.get("data"))
+    if lost and parallel.is_main_process():
+        print(f"{run_dir}: finished on data that lost or cut rows:\n{lost}", file=sys.stderr)
+    result["plots"] = plot_run(run_dir)  # plots/train.png, eval.png (process 0)
     parallel.barrier(f"finish {run_dir}")
     return result

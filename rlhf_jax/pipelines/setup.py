@@ -1,18 +1,70 @@
-"""A stage's models and mesh: load or initialise a model, check lengths against it, build the
-mesh and place params by the family's sharding rules. Every check here runs before anything is
-compiled.
+"""A stage's tokenizer, models and mesh: find the tokenizer (by default the checkpoint's own)
+and check it against every checkpoint's, load or initialise a model, check lengths against it,
+build the mesh and place params by the family's sharding rules. Every check here runs before
+anything is compiled; the tokenizer checks before anything is written.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+import os
+from typing import Any, Mapping
 
 import jax
 
 from rlhf_jax import parallel
+from rlhf_jax.data import Tokenizer
+from rlhf_jax.data.tokenizer import check_compatible
 from rlhf_jax.models import ModelConfig, get_preset, init_model, load_hf_checkpoint, model_for
+from rlhf_jax.models.hf import load_generation_config
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.pipelines.config import ModelSpec
+
+
+def load_tokenizer(given: str | None, field: str, spec: ModelSpec, *,
+                   others: Mapping[str, ModelSpec | None] | None = None,
+                   chat_template: str | None = None) -> Tokenizer:
+    """The stage's tokenizer: ``given``, or by default the ``field`` model's checkpoint
+    directory (``spec.path``; a preset has none, so ``tokenizer`` must then be given).
+
+    Every checkpoint among ``spec`` and ``others`` (by config field name) that holds its own
+    ``tokenizer.json`` must agree with it (``data.tokenizer.check_compatible``: vocabulary and
+    bos/eos/pad ids), so a model never reads another tokenizer's ids. Called before the run
+    directory is written. ``chat_template`` (``data.chat_template``): a Jinja file whose text
+    replaces the tokenizer's template (and is exported with it).
+    """
+    if given is None and spec.path is None:
+        raise ValueError(f"tokenizer is None, so it would be the {field} checkpoint's own, but "
+                         f"{field} is the preset {spec.preset!r} (no path); set tokenizer to a "
+                         f"directory with tokenizer.json")
+    path = os.path.realpath(spec.path) if given is None else given  # realpath: no '..' left
+    if given is None and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise FileNotFoundError(f"tokenizer is None, so it is read from {field}.path {path!r}, "
+                                f"which has no tokenizer.json; set tokenizer to a tokenizer "
+                                f"directory")
+    tokenizer = Tokenizer.load(path)
+    for name, other in {field: spec, **(others or {})}.items():
+        own = None if other is None else other.path
+        if (own is None or not os.path.isfile(os.path.join(own, "tokenizer.json"))
+                or os.path.realpath(own) == os.path.realpath(path)):
+            continue
+        try:
+            check_compatible(tokenizer, Tokenizer.load(os.path.realpath(own)),
+                             names=("given" if given is not None else f"{field}'s",
+                                    f"{name} checkpoint's"))
+        except ValueError as e:
+            where = f"tokenizer={given!r}" if given is not None else f"{field}.path={path!r}"
+            raise ValueError(f"{e} ({where}, {name}.path={own!r})") from None
+    if chat_template is not None:
+        with open(chat_template, encoding="utf-8") as f:
+            tokenizer = dataclasses.replace(tokenizer, chat_template=f.read())
+    return tokenizer
+
+
+def base_generation(spec: ModelSpec) -> dict[str, Any]:
+    """The ``generation_config.json`` of the checkpoint a stage starts from (``{}`` for a
+    preset or a checkpoint without one): its sampling defaults are kept in the export."""
+    return {} if spec.path is None else load_generation_config(spec.path)
 
 
 def load_model(spec: ModelSpec, *, heads: tuple[str, ...], vocab_size: int, seed: int):
@@ -29,18 +81,31 @@ def load_model(spec: ModelSpec, *, heads: tuple[str, ...], vocab_size: int, seed
     return init_model(config, jax.random.PRNGKey(seed))
 
 
-def check_sequence_fits(models: Mapping[str, ModelConfig], *, max_prompt_length: int,
+def check_sequence_fits(models: Mapping[str, ModelConfig], *, prompt_width: int,
                         max_new_tokens: int) -> None:
     """Prompt + completion must fit every model's positions (the sampler's KV cache has
-    ``max_prompt_length + max_new_tokens`` slots); checked before anything is compiled."""
-    need = max_prompt_length + max_new_tokens
+    ``prompt_width + max_new_tokens`` slots, ``prompt_width`` the prompts' padded width);
+    checked before anything is compiled."""
+    need = prompt_width + max_new_tokens
     for name, config in models.items():
         if need > config.max_position_embeddings:
             raise ValueError(
-                f"data.max_prompt_length {max_prompt_length} + sampling.max_new_tokens "
-                f"{max_new_tokens} = {need} tokens exceeds the {name} model's "
-                f"max_position_embeddings {config.max_position_embeddings} (the KV cache and "
-                f"position limit); lower max_prompt_length or max_new_tokens")
+                f"the prompts (padded to {prompt_width} tokens, at most data.max_prompt_length) "
+                f"+ sampling.max_new_tokens {max_new_tokens} = {need} tokens exceeds the {name} "
+                f"model's max_position_embeddings {config.max_position_embeddings} (the KV "
+                f"cache and position limit); lower max_new_tokens or use shorter prompts")
+
+
+def check_length_fits(models: Mapping[str, ModelConfig], length: int) -> None:
+    """Training rows of ``length`` tokens (the data's padded length) must fit every model's
+    positions; checked before anything is compiled."""
+    for name, config in models.items():
+        if length > config.max_position_embeddings:
+            raise ValueError(
+                f"the data's rows are padded to {length} tokens (their longest, at most "
+                f"data.max_length), beyond the {name} model's max_position_embeddings "
+                f"{config.max_position_embeddings}; lower data.max_length (with "
+                f"data.on_overflow='truncate' or 'skip') or use shorter rows")
 
 
 def make_mesh(mesh: MeshConfig | None, batch_size: int, *, what: str = "data.batch_size"):

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from rlhf_jax.data import BatchIterator, Tokenizer
+from rlhf_jax.data import BatchIterator
 from rlhf_jax.losses import sft_loss
 from rlhf_jax.models import token_batch_logprobs
 from rlhf_jax.ops import AGGREGATIONS
 from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConfig
-from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch
+from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch, row_length
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
-from rlhf_jax.pipelines.setup import load_model, make_mesh
+from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
+                                      load_tokenizer, make_mesh)
 from rlhf_jax.pipelines.supervised import run_supervised
 from rlhf_jax.train.supervised import SupervisedTask
 
@@ -33,7 +34,7 @@ class SFTConfig(SupervisedConfig):
     """The model to fine-tune."""
     aggregation: str = "token_mean"
     """How token losses become the batch loss: a key of ``ops.AGGREGATIONS``."""
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, warmup_steps=10)
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=2e-5, warmup_steps=10)
     """AdamW and its learning-rate schedule (its length is ``loop.total_steps``)."""
 
     def __post_init__(self):
@@ -45,16 +46,21 @@ class SFTConfig(SupervisedConfig):
 
 def run(cfg: SFTConfig) -> dict:
     """Train, evaluate, checkpoint and export; returns the final metrics and paths."""
+    tokenizer = load_tokenizer(cfg.tokenizer, "model", cfg.model,
+                               chat_template=cfg.data.chat_template)
+    generation = base_generation(cfg.model)
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
-    tokenizer = Tokenizer.load(cfg.tokenizer)
-    train = load_sft_batch(cfg.data.train, cfg.data, tokenizer)
-    evals = load_sft_batch(cfg.data.eval, cfg.data, tokenizer) if cfg.data.eval else None
+    report: dict = {}  # rows per file, and those skipped or truncated
+    train = load_sft_batch(cfg.data.train, cfg.data, tokenizer, report=report)
+    evals = (load_sft_batch(cfg.data.eval, cfg.data, tokenizer, report=report)
+             if cfg.data.eval else None)
     # Every data and config check before the model is built or anything compiled.
     data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed)
     eval_batches = fixed_batches(evals, cfg.data.batch_size) if evals is not None else None
     mesh = make_mesh(cfg.mesh, cfg.data.batch_size)
     model, params = load_model(cfg.model, heads=("lm",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
+    check_length_fits({"model": model.config}, row_length(train, evals))
 
     def loss_fn(p, batch, key):
         lp = token_batch_logprobs(model, p, batch)
@@ -64,4 +70,4 @@ def run(cfg: SFTConfig) -> dict:
                           postfix=("loss", "nll"),
                           tokens_in=lambda b: int(b.attention_mask.sum()))
     return run_supervised(cfg, task, run_dir=run_dir, model=model, params=params,
-                          tokenizer=tokenizer, mesh=mesh)
+                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)

@@ -3,6 +3,8 @@ stage's mesh, then the model exported and ``result.json`` written."""
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.pipelines.config import SupervisedConfig
 from rlhf_jax.pipelines.run_dir import config_dict, finish_run
@@ -11,12 +13,17 @@ from rlhf_jax.train.supervised import SupervisedTask, fit
 
 
 def run_supervised(cfg: SupervisedConfig, task: SupervisedTask, *, run_dir: str, model,
-                   params, tokenizer: Tokenizer, mesh) -> dict:
-    """Train ``model`` on ``task`` (resumable), export it, write ``result.json``; returns the
-    result plus the final ``state`` and the ``model``."""
+                   params, tokenizer: Tokenizer, mesh,
+                   generation: Mapping[str, Any] | None = None,
+                   data_report: Mapping[str, dict] | None = None) -> dict:
+    """Train ``model`` on ``task`` (resumable), export it (``generation``: the base checkpoint's
+    generation config, see ``run_dir.export_model``), write ``result.json`` (with
+    ``data_report``: rows per data file, and those skipped or truncated); returns the result
+    plus the final ``state`` and the ``model``."""
     state = fit(cfg, task, run_dir=run_dir, params=params, mesh=mesh,
                 param_shardings=model_shardings(mesh, model.config, params),
                 hparams=config_dict(cfg))
     result = finish_run(run_dir, model.config, state.params, tokenizer, state,
-                        total_steps=cfg.loop.total_steps)
+                        total_steps=cfg.loop.total_steps, generation=generation,
+                        data=dict(data_report or {}))
     return result | {"state": state, "model": model}

@@ -36,9 +36,15 @@ def resolve_reward_function(name: str) -> RewardFn:
     return fn
 
 
-def call_reward_fns(fns: Mapping[str, RewardFn], prompts: list[str], completions: list[str],
+def call_reward_fns(fns: Mapping[str, RewardFn], prompts: list, completions: list[str],
                     columns: Mapping[str, list]) -> dict[str, np.ndarray]:
-    """Run each reward function on decoded text; a function's failure names the function."""
+    """Run each reward function on decoded text; a function's failure names the function.
+
+    As in TRL, conversational prompts (lists of messages) come with conversational completions:
+    each decoded text becomes ``[{"role": "assistant", "content": text}]``.
+    """
+    if prompts and isinstance(prompts[0], list):
+        completions = [[{"role": "assistant", "content": c}] for c in completions]
     out = {}
     for name, fn in fns.items():
         try:

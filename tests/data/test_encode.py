@@ -132,7 +132,7 @@ def test_encode_sft_skip_counts_and_all_skipped_errors(tok, tmp_path):
 
 def test_encode_sft_argument_checks(tok, tmp_path):
     ds = _file(tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "c"}], "preference")
-    with pytest.raises(ValueError, match="encode_sft needs a dataset of format "
+    with pytest.raises(ValueError, match="encode_sft needs a dataset of format 'text' or "
                                          "'prompt_completion' or 'messages'"):
         encode_sft(ds, tok, max_length=8)
     pc = Dataset.from_rows([{"prompt": "a", "completion": "b"}], fmt="prompt_completion")
@@ -160,7 +160,7 @@ def test_encode_preference_prompt_too_long(tok, tmp_path):
         with pytest.raises(DataError) as info:
             encode_preference(ds, tok, max_prompt_length=4, max_length=32, on_overflow=mode)
         assert str(info.value) == (
-            f"{ds.path}:2: field 'prompt': the prompt is {n} tokens (BOS and template "
+            f"{ds.path}:2: field 'prompt': the prompt is {n} tokens (BOS "
             "included), longer than max_prompt_length=4; prompts are never truncated: raise "
             "max_prompt_length or pass on_overflow='skip'")
     out = encode_preference(ds, tok, max_prompt_length=4, max_length=32, on_overflow="skip")
@@ -194,7 +194,7 @@ def test_encode_preference_needs_room_for_a_response(tok):
 def test_encode_prompts_hand_and_passthrough_formats(tok, tmp_path):
     ds = _file(tmp_path, [{"prompt": "two plus", "answer": "4"}], "prompt")
     assert encode_prompts(ds, tok, max_prompt_length=16) == Encoded(
-        [[1, *tok.encode("two plus")]], 0, (0,))
+        [[1, *tok.encode("two plus")]], 0, (0,), prompts=("two plus",))
     pref = Dataset.from_rows([{"prompt": "hello", "chosen": "b", "rejected": "c"}],
                              fmt="preference")
     assert encode_prompts(pref, tok, max_prompt_length=8).items == [[1, *tok.encode("hello")]]
@@ -227,7 +227,8 @@ def test_encode_prompts_messages_drop_the_final_assistant_turn(tok, tmp_path):
 
 def test_encode_prompts_errors(tok, tmp_path):
     ds = _file(tmp_path, [_convo(("assistant", "only me"))], "messages", name="m.jsonl")
-    with pytest.raises(DataError, match=r"m\.jsonl:1: field 'messages': no prompt"):
+    with pytest.raises(DataError, match=r"m\.jsonl:1: field 'messages': no prompt: the "
+                                        r"conversation holds assistant messages only"):
         encode_prompts(ds, tok, max_prompt_length=64)
     rows = [{"prompt": "the cat sat on the mat"}, {"prompt": "hi"}]
     ds = _file(tmp_path, rows, "prompt", name="p.jsonl", blank_lines=1)
@@ -236,7 +237,7 @@ def test_encode_prompts_errors(tok, tmp_path):
                                         r".*max_prompt_length=3"):
         encode_prompts(ds, tok, max_prompt_length=3, on_overflow="truncate")
     out = encode_prompts(ds, tok, max_prompt_length=3, on_overflow="skip")
-    assert out == Encoded([[1, *tok.encode("hi")]], 1, (1,))
+    assert out == Encoded([[1, *tok.encode("hi")]], 1, (1,), prompts=("hi",))
     with pytest.raises(DataError, match=r"no rows left: all 2 rows are longer than "
                                         r"max_prompt_length=1"):
         encode_prompts(ds, tok, max_prompt_length=1, on_overflow="skip")

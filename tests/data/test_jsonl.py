@@ -26,8 +26,9 @@ def _lines(*rows) -> bytes:
 GOOD_PC = {"prompt": "Hi", "completion": "there"}
 
 
-def test_formats_table_is_exactly_the_four_formats():
-    assert list(FORMATS) == ["prompt_completion", "messages", "preference", "prompt"]
+def test_formats_table_is_exactly_trls_formats():
+    assert list(FORMATS) == ["text", "messages", "prompt", "prompt_completion", "preference",
+                             "unpaired_preference"]
 
 
 def test_load_jsonl_rows_lines_and_extra_fields(tmp_path):
@@ -68,7 +69,7 @@ ERROR_CASES = {
     "missing_field": (_lines({"prompt": "a"}), "prompt_completion", 1, "completion",
                       ["missing", "['prompt']"]),
     "wrong_type": (_lines({"prompt": "a", "chosen": 3, "rejected": "b"}), "preference", 1,
-                   "chosen", ["expected a non-empty string, got int"]),
+                   "chosen", ["expected a non-empty string or a list of messages, got int"]),
     "null_field": (_lines({"prompt": "a", "chosen": "c", "rejected": "d"},
                           {"prompt": "a", "chosen": "c", "rejected": None}),
                    "preference", 2, "rejected", ["got null"]),
@@ -87,8 +88,20 @@ ERROR_CASES = {
                      "messages", 1, "messages[1].content", ["got int"]),
     "empty_assistant": (_lines(_msgs(("user", "a"), ("assistant", ""))), "messages", 1,
                         "messages[1].content", ["empty string"]),
-    "no_assistant": (_lines(_msgs(("system", ""), ("user", "a"))), "messages", 1, "messages",
-                     ["at least one assistant message", "['system', 'user']"]),
+    "mixed_kinds": (_lines({"prompt": [{"role": "user", "content": "a"}], "completion": "b"}),
+                    "prompt_completion", 1, "completion", ["mixes strings (['completion'])"]),
+    "prompt_ends_with_assistant": (
+        _lines({"prompt": [{"role": "user", "content": "a"},
+                           {"role": "assistant", "content": "b"}]}), "prompt", 1, "prompt",
+        ["must end with a user, system or tool message"]),
+    "completion_not_assistant": (
+        _lines({"prompt": [{"role": "user", "content": "a"}],
+                "completion": [{"role": "user", "content": "b"}]}), "prompt_completion", 1,
+        "completion[0].role", ["assistant messages only"]),
+    "label_not_bool": (_lines({"prompt": "a", "completion": "b", "label": 1}),
+                       "unpaired_preference", 1, "label", ["expected true or false, got int"]),
+    "implicit_no_prefix": (_lines({"chosen": "abc", "rejected": "xyz"}), "preference", 1,
+                           "chosen", ["share no prompt prefix"]),
 }
 
 
@@ -113,7 +126,8 @@ def test_load_jsonl_exact_message_for_wrong_type(tmp_path):
     with pytest.raises(DataError) as info:
         load_jsonl(path_pref, fmt="preference")
     assert str(info.value) == (
-        f"{path_pref}:17: field 'chosen': expected a non-empty string, got int")
+        f"{path_pref}:17: field 'chosen': expected a non-empty string or a list of messages, "
+        "got int")
     with pytest.raises(DataError, match=r":17: field 'completion': missing"):
         load_jsonl(path, fmt="prompt_completion")
 
@@ -158,8 +172,9 @@ def test_unknown_format_lists_the_formats(tmp_path):
     with pytest.raises(ValueError) as info:
         load_jsonl(path, fmt="chat")
     assert not isinstance(info.value, DataError)
-    assert str(info.value) == ("unknown dataset format 'chat'; expected one of "
-                               "['prompt_completion', 'messages', 'preference', 'prompt']")
+    assert str(info.value) == ("unknown dataset format 'chat'; expected 'auto' or one of "
+                               "['text', 'messages', 'prompt', 'prompt_completion', "
+                               "'preference', 'unpaired_preference']")
 
 
 def test_from_rows_validates_like_load_jsonl():
@@ -178,6 +193,9 @@ def test_from_rows_validates_like_load_jsonl():
     ({"prompt": "x", "chosen": "a"}, "prompt"),
     ({"prompt": "x", "completion": "c"}, "prompt_completion"),
     ({"prompt": "x", "answer": "4"}, "prompt"),
+    ({"text": "x"}, "text"),
+    ({"chosen": "a", "rejected": "b"}, "preference"),
+    ({"prompt": "x", "completion": "c", "label": True}, "unpaired_preference"),
 ])
 def test_detect_format(row, fmt):
     assert detect_format(row) == fmt

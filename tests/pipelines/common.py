@@ -26,8 +26,8 @@ def train_rows(run_dir: str) -> list[dict]:
 
 def assert_run_outputs(result: dict, *, steps: int, kind: str) -> list[dict]:
     """result.json, config.json, metrics.jsonl (one finite row per step, every name in the
-    metric glossary), TensorBoard events and the last step's checkpoint; returns the train
-    rows."""
+    metric glossary), TensorBoard events, the last step's checkpoint and ``plots/train.png``;
+    returns the train rows."""
     run_dir = result["run_dir"]
     with open(os.path.join(run_dir, "result.json"), encoding="utf-8") as f:
         saved = json.load(f)
@@ -50,6 +50,8 @@ def assert_run_outputs(result: dict, *, steps: int, kind: str) -> list[dict]:
     events = [f for f in os.listdir(tb) if f.startswith("events.out.tfevents.")]
     assert events and all(os.path.getsize(os.path.join(tb, f)) > 0 for f in events)
     assert str(steps) in os.listdir(os.path.join(run_dir, "checkpoints"))
+    plot = os.path.join(run_dir, "plots", "train.png")  # drawn by finish_run (train.plots)
+    assert result["plots"][0] == plot and read_bytes(plot)[:8] == b"\x89PNG\r\n\x1a\n"
     return train
 
 
@@ -78,6 +80,11 @@ def assert_states_equal(a, b) -> None:
     assert fa.keys() == fb.keys()
     for k in fa:
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def read(path: str) -> str:

@@ -10,7 +10,7 @@ from rlhf_jax.pipelines import (DataConfig, GenerationConfig, KLConfig, LoopConf
                                 OnPolicyConfig, OptimizerConfig, RewardConfig, SupervisedConfig,
                                 grpo, ppo, sft)
 
-DATA = DataConfig(train="train.jsonl")
+DATA = DataConfig(train="train.jsonl", batch_size=32)
 
 
 def onpolicy_kw(**kw) -> dict:
@@ -107,7 +107,8 @@ def test_grpo_algorithm_checks():
     with pytest.raises(ValueError, match=r"data.batch_size \* algorithm.group_size = 12 must be "
                                          r"divisible by algorithm.num_minibatches 5"):
         grpo.GRPOConfig(**onpolicy_kw(data=DataConfig(train="x", batch_size=3),
-                                      algorithm=grpo.GRPOAlgorithmConfig(num_minibatches=5)))
+                                      algorithm=grpo.GRPOAlgorithmConfig(group_size=4,
+                                                                         num_minibatches=5)))
 
 
 def test_ppo_needs_a_reward_model():

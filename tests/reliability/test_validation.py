@@ -168,15 +168,19 @@ def _run(stage, cfg):
 def _bad_rows(fmt):
     good = GOOD[fmt]
     no_prompt = {k: v for k, v in good.items() if k != "prompt"}
+    # without its prompt a preference row is an implicit-prompt one (TRL's): it is then the
+    # shared prefix of chosen and rejected, and these two share none
+    missing = ("field 'chosen': chosen and rejected share no prompt prefix; give an explicit "
+               "'prompt' field" if fmt == "preference" else
+               f"field 'prompt': missing (the row has fields {sorted(no_prompt)})")
     return [
         ("malformed_json", b'{"prompt": "a",', "malformed JSON: "),
         ("not_an_object", [good], "expected a JSON object, got list"),
-        ("missing_field", no_prompt, f"field 'prompt': missing (the row has fields "
-                                     f"{sorted(no_prompt)})"),
-        ("wrong_type", good | {"prompt": 7}, "field 'prompt': expected a non-empty string, "
-                                            "got int"),
-        ("null", good | {"prompt": None}, "field 'prompt': expected a non-empty string, "
-                                          "got null"),
+        ("missing_field", no_prompt, missing),
+        ("wrong_type", good | {"prompt": 7}, "field 'prompt': expected a non-empty string or "
+                                            "a list of messages, got int"),
+        ("null", good | {"prompt": None}, "field 'prompt': expected a non-empty string or a "
+                                          "list of messages, got null"),
         ("invalid_utf8", b'{"prompt": "caf\xe9"}', "invalid UTF-8 at byte 15 of the line: "
                                                    "invalid continuation byte"),
         ("empty_prompt", good | {"prompt": ""}, "field 'prompt': expected a non-empty string, "
@@ -203,12 +207,25 @@ def test_missing_other_field_is_named(stage, tmp_path, tok_dir, no_build):
     fmt = FMT[stage]
     field = "completion" if fmt == "prompt_completion" else "rejected"
     good = GOOD[fmt]
-    bad = good | {field: ["not", "a", "string"]}
+    bad = good | {field: 3}
     data = _write(tmp_path / "train.jsonl", [good, good, good, bad])
     with pytest.raises(DataError) as err:
         _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run")))
-    assert str(err.value) == (f"{data}:4: field {field!r}: expected a non-empty string, "
-                              f"got list")
+    assert str(err.value) == (f"{data}:4: field {field!r}: expected a non-empty string or a "
+                              f"list of messages, got int")
+
+
+@pytest.mark.parametrize("stage", ["sft", "distill", "reward_model", "dpo"])
+def test_a_row_mixing_strings_and_conversations_is_named(stage, tmp_path, tok_dir, no_build):
+    fmt = FMT[stage]
+    field = "completion" if fmt == "prompt_completion" else "rejected"
+    good = GOOD[fmt]
+    bad = good | {field: [{"role": "assistant", "content": "hi"}]}
+    data = _write(tmp_path / "train.jsonl", [good, good, good, bad])
+    with pytest.raises(DataError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run")))
+    assert str(err.value).startswith(f"{data}:4: field {field!r}: mixes strings (")
+    assert f"with conversations (['{field}'])" in str(err.value)
 
 
 # ----------------------------------------------------------------------------- sizes, limits
@@ -225,7 +242,7 @@ def test_prompt_too_long_states_size_and_limit(stage, tmp_path, tok_dir, no_buil
     assert text.startswith(f"{data}:3: field 'prompt': the prompt is "), text
     n = int(text.split("the prompt is ")[1].split(" tokens")[0])
     assert n > 8
-    assert text.endswith("tokens (BOS and template included), longer than "
+    assert text.endswith("tokens (BOS included), longer than "
                          "max_prompt_length=8; prompts are never truncated: raise "
                          "max_prompt_length or pass on_overflow='skip'")
 
@@ -276,7 +293,7 @@ def test_dataset_filtered_to_nothing_by_skip_invalid(stage, tmp_path, tok_dir, n
         _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), skip_invalid=True))
     assert str(err.value) == (
         f"{data}: no valid {fmt!r} rows: all 3 rows were skipped as invalid; first: {data}:1: "
-        f"field 'prompt': expected a non-empty string, got int")
+        f"field 'prompt': expected a non-empty string or a list of messages, got int")
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -300,20 +317,22 @@ def test_dataset_smaller_than_batch_is_refused_before_any_build(stage, tmp_path,
 def test_bad_eval_data_is_named_before_any_build(stage, tmp_path, tok_dir, no_build):
     good = GOOD[FMT[stage]]
     data = _write(tmp_path / "train.jsonl", [good] * 4)
-    bad = _write(tmp_path / "eval.jsonl", [good, good, good | {"prompt": []}])
+    bad = _write(tmp_path / "eval.jsonl", [good, good, good | {"prompt": 4}])
     with pytest.raises(DataError) as err:
         _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), eval=bad))
-    assert str(err.value) == (f"{bad}:3: field 'prompt': expected a non-empty string, "
-                              f"got list")
+    assert str(err.value) == (f"{bad}:3: field 'prompt': expected a non-empty string or a "
+                              f"list of messages, got int")
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward_model", "distill", "dpo"])
-def test_eval_set_smaller_than_batch_is_refused_before_any_build(stage, tmp_path, tok_dir,
-                                                                 no_build):
+def test_eval_set_smaller_than_batch_is_evaluated_not_refused(stage, tmp_path, tok_dir,
+                                                              no_build):
+    """One eval row with batches of 2 passes the data checks (its batch is filled with rows
+    that add nothing: tests/pipelines/test_eval_batches.py) and the stage goes on to build."""
     good = GOOD[FMT[stage]]
     data = _write(tmp_path / "train.jsonl", [good] * 4)
     evals = _write(tmp_path / "eval.jsonl", [good])
-    with pytest.raises(ValueError, match=r"^evaluation set has 1 rows < batch size 2$"):
+    with pytest.raises(Compiled, match="load_model"):
         _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), eval=evals))
 
 
@@ -326,7 +345,8 @@ def test_skip_invalid_counts_and_the_run_goes_on(tmp_path, tok_dir, no_build):
     assert (len(ds), ds.skipped, ds.lines) == (3, 3, (1, 4, 6))
     assert ds.skipped_reasons[0].startswith(f"{data}:2: malformed JSON: ")
     assert ds.skipped_reasons[1:] == (
-        f"{data}:3: field 'completion': expected a non-empty string, got int",
+        f"{data}:3: field 'completion': expected a non-empty string or a list of messages, "
+        "got int",
         f"{data}:5: invalid UTF-8 at byte 12 of the line: invalid start byte")
     # The run gets past its data (and reaches the model loader, stubbed here).
     with pytest.raises(Compiled, match="load_model"):
@@ -403,9 +423,26 @@ def test_prompt_plus_completion_must_fit_the_cache(stage, who, extra, tmp_path, 
         _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), max_prompt_length=8,
                          max_new_tokens=4, **kw, **extra))
     assert str(err.value) == (
-        f"data.max_prompt_length 8 + sampling.max_new_tokens 4 = 12 tokens exceeds the {who} "
-        f"model's max_position_embeddings 10 (the KV cache and position limit); lower "
-        f"max_prompt_length or max_new_tokens")
+        f"the prompts (padded to 8 tokens, at most data.max_prompt_length) + "
+        f"sampling.max_new_tokens 4 = 12 tokens exceeds the {who} model's "
+        f"max_position_embeddings 10 (the KV cache and position limit); lower max_new_tokens "
+        f"or use shorter prompts")
+
+
+@pytest.mark.parametrize("stage,who", [("sft", "model"), ("reward_model", "model"),
+                                       ("dpo", "policy"), ("distill", "student")])
+def test_training_rows_must_fit_the_positions(stage, who, tmp_path, tok_dir, no_jit):
+    """Rows padded to 16 tokens on a model of 10 positions: refused before anything compiles
+    (it would otherwise compile and run out of positions or memory)."""
+    good = GOOD[FMT[stage]]
+    data = _write(tmp_path / "train.jsonl", [good | {"prompt": "The cat sat on the mat"}] * 4)
+    kw = {"sft": dict(model=SMALL_CONTEXT), "reward_model": dict(model=SMALL_CONTEXT),
+          "dpo": dict(policy=SMALL_CONTEXT), "distill": dict(student=SMALL_CONTEXT)}[stage]
+    with pytest.raises(ValueError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), **kw))
+    assert str(err.value).startswith("the data's rows are padded to 16 tokens (their longest, "
+                                     "at most data.max_length), beyond the ")
+    assert f"{who} model's max_position_embeddings 10" in str(err.value)
 
 
 def test_prompt_plus_completion_that_fits_reaches_the_sampler(tmp_path, tok_dir, no_jit):
