@@ -74,10 +74,12 @@ def test_usage_and_unknown_stage(capsys):
 
 
 def test_installed_command_and_module_show_field_docs():
-    """``rlhf-jax`` (the console script ``pip install -e .`` wrote) and ``python -m rlhf_jax``."""
+    """``rlhf-jax`` (the console script ``pip install -e .`` wrote), ``python -m rlhf_jax`` and
+    ``python -m rlhf_jax.pipelines.STAGE``."""
     exe = pathlib.Path(sys.executable).with_name("rlhf-jax")
     assert exe.is_file(), "pip install -e . did not install the rlhf-jax command"
-    for cmd in ([str(exe), "grpo", "--help"], [sys.executable, "-m", "rlhf_jax", "sft", "--help"]):
+    for cmd in ([str(exe), "grpo", "--help"], [sys.executable, "-m", "rlhf_jax", "sft", "--help"],
+                [sys.executable, "-m", "rlhf_jax.pipelines.dpo", "--help"]):
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                               env=os.environ | {"COLUMNS": "200"})
         assert proc.returncode == 0, proc.stderr

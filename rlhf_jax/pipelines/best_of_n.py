@@ -154,3 +154,11 @@ def run(cfg: BestOfNConfig, *, eval_rewards: Mapping[str, RewardFn] | None = Non
     write_json(os.path.join(run_dir, "result.json"), result)
     parallel.barrier(f"best_of_n {run_dir}")  # the next stage reads the file
     return result
+
+
+if __name__ == "__main__":  # python -m rlhf_jax.pipelines.best_of_n is `rlhf-jax best-of-n`
+    import sys
+
+    from rlhf_jax.cli import main
+
+    sys.exit(main(["best-of-n", *sys.argv[1:]]))

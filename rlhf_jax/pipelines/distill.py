@@ -113,3 +113,11 @@ def run(cfg: DistillConfig) -> dict:
         tokens_in=lambda b: int(b.attention_mask.sum()))
     return run_supervised(cfg, task, run_dir=run_dir, model=student, params=params,
                           tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)
+
+
+if __name__ == "__main__":  # python -m rlhf_jax.pipelines.distill is `rlhf-jax distill`
+    import sys
+
+    from rlhf_jax.cli import main
+
+    sys.exit(main(["distill", *sys.argv[1:]]))

@@ -171,3 +171,11 @@ def run(cfg: DPOConfig) -> dict:
         postfix=("loss", "rewards/accuracy"))
     return run_supervised(cfg, task, run_dir=run_dir, model=model, params=params,
                           tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)
+
+
+if __name__ == "__main__":  # python -m rlhf_jax.pipelines.dpo is `rlhf-jax dpo`
+    import sys
+
+    from rlhf_jax.cli import main
+
+    sys.exit(main(["dpo", *sys.argv[1:]]))

@@ -191,3 +191,11 @@ def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
         prep=prep, models=models, params=params, frozen=frozen,
         reference=reference, group_size=g, rewards=rewards, eval_rewards=eval_rewards or fns,
         greedy_eval=True, postfix=("reward", "loss"))
+
+
+if __name__ == "__main__":  # python -m rlhf_jax.pipelines.grpo is `rlhf-jax grpo`
+    import sys
+
+    from rlhf_jax.cli import main
+
+    sys.exit(main(["grpo", *sys.argv[1:]]))

@@ -170,3 +170,11 @@ def run(cfg: PPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
         algo_state=kl_controller_init(cfg.kl.coef), eval_rewards=eval_rewards or {},
         greedy_eval=False, postfix=("reward", "kl"),
         result_extra=lambda s: {"kl_coef": float(np.asarray(s.algo.kl_coef))})
+
+
+if __name__ == "__main__":  # python -m rlhf_jax.pipelines.ppo is `rlhf-jax ppo`
+    import sys
+
+    from rlhf_jax.cli import main
+
+    sys.exit(main(["ppo", *sys.argv[1:]]))

@@ -108,3 +108,11 @@ def run(cfg: RewardModelConfig) -> dict:
                           postfix=("loss", "rewards/accuracy"))
     return run_supervised(cfg, task, run_dir=run_dir, model=model, params=params,
                           tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)
+
+
+if __name__ == "__main__":  # python -m rlhf_jax.pipelines.reward_model is `rlhf-jax reward-model`
+    import sys
+
+    from rlhf_jax.cli import main
+
+    sys.exit(main(["reward-model", *sys.argv[1:]]))

@@ -81,31 +81,37 @@ def load_model(spec: ModelSpec, *, heads: tuple[str, ...], vocab_size: int, seed
     return init_model(config, jax.random.PRNGKey(seed))
 
 
+def _too_long_for(models: Mapping[str, ModelConfig], need: int) -> tuple[str, int] | None:
+    """The first model (name, positions) with fewer than ``need`` positions, else None."""
+    return next(((name, c.max_position_embeddings) for name, c in models.items()
+                 if need > c.max_position_embeddings), None)
+
+
 def check_sequence_fits(models: Mapping[str, ModelConfig], *, prompt_width: int,
                         max_new_tokens: int) -> None:
     """Prompt + completion must fit every model's positions (the sampler's KV cache has
     ``prompt_width + max_new_tokens`` slots, ``prompt_width`` the prompts' padded width);
     checked before anything is compiled."""
     need = prompt_width + max_new_tokens
-    for name, config in models.items():
-        if need > config.max_position_embeddings:
-            raise ValueError(
-                f"the prompts (padded to {prompt_width} tokens, at most data.max_prompt_length) "
-                f"+ sampling.max_new_tokens {max_new_tokens} = {need} tokens exceeds the {name} "
-                f"model's max_position_embeddings {config.max_position_embeddings} (the KV "
-                f"cache and position limit); lower max_new_tokens or use shorter prompts")
+    short = _too_long_for(models, need)
+    if short:
+        raise ValueError(
+            f"the prompts (padded to {prompt_width} tokens, at most data.max_prompt_length) + "
+            f"sampling.max_new_tokens {max_new_tokens} = {need} tokens exceeds the {short[0]} "
+            f"model's max_position_embeddings {short[1]} (the KV cache and position limit); "
+            f"lower max_new_tokens or use shorter prompts")
 
 
 def check_length_fits(models: Mapping[str, ModelConfig], length: int) -> None:
     """Training rows of ``length`` tokens (the data's padded length) must fit every model's
     positions; checked before anything is compiled."""
-    for name, config in models.items():
-        if length > config.max_position_embeddings:
-            raise ValueError(
-                f"the data's rows are padded to {length} tokens (their longest, at most "
-                f"data.max_length), beyond the {name} model's max_position_embeddings "
-                f"{config.max_position_embeddings}; lower data.max_length (with "
-                f"data.on_overflow='truncate' or 'skip') or use shorter rows")
+    short = _too_long_for(models, length)
+    if short:
+        raise ValueError(
+            f"the data's rows are padded to {length} tokens (their longest, at most "
+            f"data.max_length), beyond the {short[0]} model's max_position_embeddings "
+            f"{short[1]}; lower data.max_length (with data.on_overflow='truncate' or 'skip') "
+            f"or use shorter rows")
 
 
 def make_mesh(mesh: MeshConfig | None, batch_size: int, *, what: str = "data.batch_size"):

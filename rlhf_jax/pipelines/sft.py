@@ -71,3 +71,11 @@ def run(cfg: SFTConfig) -> dict:
                           tokens_in=lambda b: int(b.attention_mask.sum()))
     return run_supervised(cfg, task, run_dir=run_dir, model=model, params=params,
                           tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)
+
+
+if __name__ == "__main__":  # python -m rlhf_jax.pipelines.sft is `rlhf-jax sft`
+    import sys
+
+    from rlhf_jax.cli import main
+
+    sys.exit(main(["sft", *sys.argv[1:]]))
