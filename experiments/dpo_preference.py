@@ -31,6 +31,11 @@ class Config(WorldConfig):
     dpo_lr: float = 5e-5
     win_rate_samples: int = 4
 
+    def __post_init__(self):
+        # the DPO stage's options are checked here, not after the SFT stage has trained
+        dpo.DPOAlgorithmConfig(loss=self.loss, beta=self.beta)
+        OptimizerConfig(learning_rate=self.dpo_lr)
+
 
 def get_config() -> Config:
     return Config()

@@ -62,6 +62,13 @@ class Config:
     """Device mesh: "auto" (data parallel over all devices), "none" (one device) or
     DATAxFSDPxTENSOR such as "2x4x1"."""
 
+    def __post_init__(self):
+        # the GRPO stage's options are checked here, not after the SFT stage has trained
+        grpo.GRPOAlgorithmConfig(variant=self.variant, group_size=self.group_size)
+        GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
+        OptimizerConfig(learning_rate=self.grpo_lr)
+        parse_mesh(self.mesh)
+
 
 def get_config() -> Config:
     return Config()

@@ -141,6 +141,10 @@ METRICS: dict[str, str] = {
     "response_length": "mean completion tokens (EOS included)",
     "truncated_frac": "completions that hit the length budget without EOS",
     "kept_frac": "completions in the loss (dynamic sampling, overlong filter)",
+    "rewards_dropped_frac": "completions left out of the loss for a non-finite or missing "
+                            "reward (rewards.non_finite='drop'), with their groups",
+    "reward_timeouts": "reward-function calls stopped by rewards.time_limit (their batch "
+                       "scored 0)",
     "logprob_diff_sampler_trainer": "mean |sampler log-prob - trainer log-prob| per token",
     "policy_loss": "PPO: clipped surrogate part of the loss",
     "value_loss": "PPO: clipped value part of the loss",

@@ -145,6 +145,23 @@ def test_cli_rejects_unknown_and_badly_typed_options(tmp_path):
             _cli.parse(base, argv)
 
 
+@pytest.mark.parametrize("module, argv, message", [
+    ("grpo_arithmetic", ["--variant", "foo"], "algorithm.variant must be one of"),
+    ("grpo_arithmetic", ["--temperature", "-1"], "sampling.temperature must be >= 0"),
+    ("dpo_preference", ["--loss", "dpo2"], "algorithm.loss must be one of")])
+def test_a_later_stage_option_is_checked_before_the_first_stage(module, argv, message, capsys):
+    """A bad option of a later stage stops the experiment while its config is parsed, not
+    after the earlier stages have trained."""
+    import importlib
+
+    from experiments import _cli
+
+    mod = importlib.import_module(f"experiments.{module}")
+    with pytest.raises(SystemExit):
+        _cli.parse(mod.get_config(), argv)
+    assert message in capsys.readouterr().err
+
+
 def test_a_stage_stopped_by_sigterm_ends_the_chain():
     """A stage that a SIGTERM stopped before its last step has saved its checkpoint; the next
     stage must not start from its partial model: the experiment exits, asking for a rerun."""

@@ -28,6 +28,7 @@ import math
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from rlhf_jax.losses._common import as_mask, mean_stat
@@ -140,9 +141,18 @@ def simpo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, chosen_leng
     return _finish(-jax.nn.log_sigmoid(c - r - gamma), c, r, m)
 
 
+_TINY = float(np.finfo(np.float32).tiny)  # 1.1754944e-38, the smallest normal float32
+
+
 def _log1mexp(x: jax.Array) -> jax.Array:
-    """``log(1 - exp(x))`` for ``x < 0``, stable on both sides of ``-log 2`` (Maechler, 2012)."""
-    x = jnp.minimum(x, -1e-6)
+    """``log(1 - exp(x))`` for ``x < 0``, stable on both sides of ``-log 2`` (Maechler, 2012).
+
+    ``log(-expm1(x))`` for ``x > -log 2`` and ``log1p(-exp(x))`` otherwise, both exact to float32
+    rounding. The only clamp is ``x <= -tiny`` (float32's smallest normal): a certain response
+    (``x == 0``, log-odds ``+inf``) gets ``log1mexp = log(tiny) = -87.3`` and log-odds ``87.3``
+    with finite value and gradient (the clamp's gradient is 0 there).
+    """
+    x = jnp.minimum(x, -_TINY)
     near = x > -math.log(2.0)
     a = jnp.log(-jnp.expm1(jnp.where(near, x, -1.0)))
     b = jnp.log1p(-jnp.exp(jnp.where(near, -1.0, x)))
@@ -154,7 +164,9 @@ def orpo_loss(policy_chosen_logps: Seq, policy_rejected_logps: Seq, chosen_lengt
               ) -> LossOut:
     """ORPO: SFT NLL on the chosen response plus ``lam`` times the odds-ratio loss.
 
-    With ``p = exp(logp / |y|)``, ``log odds = log p - log(1 - p)`` and
+    With ``p = exp(logp / |y|)``, ``log odds = log p - log(1 - p)`` (computed as
+    ``a - log1mexp(a)``, ``a = logp / |y|``, exact even for near-certain responses; ``a = 0`` is
+    clamped to ``-tiny``, see ``_log1mexp``) and
     ``L = -logp_c / |y_c| - lam log sigmoid(log odds_c - log odds_r)``. Rewards are
     ``lam * logp / |y|`` (as TRL reports them).
     """

@@ -34,7 +34,7 @@ def _kl_term(logp, ref_logp, m, kl_coef, kl_estimator, clamp):
         if kl_coef:
             raise ValueError("kl_coef > 0 needs ref_logp")
         return jnp.zeros(logp.shape, jnp.float32), None
-    kl = jnp.where(m, KL_ESTIMATORS[kl_estimator](logp, ref_logp, clamp=clamp), 0.0)
+    kl = jnp.where(m, KL_ESTIMATORS[kl_estimator](logp, ref_logp, clamp=clamp, mask=m), 0.0)
     return kl, mean_stat(kl, m)
 
 

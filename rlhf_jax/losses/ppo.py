@@ -76,7 +76,7 @@ def clipped_surrogate(
         "clip_frac_low": mean_stat(clip_low.astype(f32), m),
         "clip_frac_high": mean_stat(clip_high.astype(f32), m),
         # KL(pi_old || pi) from samples of pi_old, k3 estimator
-        "approx_kl": mean_stat(kl_k3(old_logp, logp, clamp=log_ratio_clamp), m),
+        "approx_kl": mean_stat(kl_k3(old_logp, logp, clamp=log_ratio_clamp, mask=m), m),
         "ratio_mean": mean_stat(ratio, m),
         "ratio_max": max_stat(ratio, m),
         "ratio_min": min_stat(ratio, m),
@@ -133,7 +133,9 @@ def value_loss(
     """Clipped value loss ``0.5 max((V - R)^2, (V_clip - R)^2)``; unclipped if ``clip_eps=None``.
 
     ``explained_variance`` is ``1 - Var[R - V_old] / Var[R]``: how well the rollout-time value
-    predictions explain the returns (as in baselines / cleanrl).
+    predictions explain the returns (as in baselines / cleanrl). ``value_clip_frac`` is the
+    fraction of valid tokens whose clip is active, ``|V - V_old| > eps_v`` (whichever branch
+    the ``max`` then picks).
     """
     chex.assert_equal_shape([values, old_values, returns])
     m = as_mask(mask, values.shape)
@@ -148,7 +150,10 @@ def value_loss(
         v_clip = v_old + jnp.clip(v - v_old, -clip_eps, clip_eps)
         clipped = jnp.square(v_clip - ret)
         per_tok = 0.5 * jnp.maximum(unclipped, clipped)
-        metrics["value_clip_frac"] = mean_stat((clipped > unclipped).astype(jnp.float32), m)
+        # Clip active, from the raw difference: comparing the two loss branches would flip on
+        # the 1-ulp float32 noise of ``V_old + (V - V_old)`` for unclipped tokens.
+        active = jnp.abs(v - v_old) > clip_eps
+        metrics["value_clip_frac"] = mean_stat(active.astype(jnp.float32), m)
     total, count = aggregate_loss(per_tok, m, mode=aggregation, max_tokens=max_tokens)
     resid = ret - v_old
     f = m.astype(jnp.float32)

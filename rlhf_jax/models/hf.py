@@ -230,8 +230,12 @@ def _table(config: ModelConfig) -> tuple[dict, dict]:
     return names, shapes
 
 
+_HEAD_TENSORS = {"reward": "score.weight", "value": "value_head.weight"}
+
+
 def load_hf_checkpoint(directory: str | os.PathLike, *, dtype=None,
-                       heads: tuple[str, ...] | None = None) -> tuple[ModelConfig, dict]:
+                       heads: tuple[str, ...] | None = None,
+                       require: tuple[str, ...] = ()) -> tuple[ModelConfig, dict]:
     """Import a Hugging Face checkpoint directory (safetensors only).
 
     Args:
@@ -243,6 +247,8 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, dtype=None,
         ``("reward",)`` for ``*ForSequenceClassification``, plus ``"value"`` when
         ``value_head.safetensors`` exists). A requested value/reward head the checkpoint lacks
         starts at zero; stored heads that were not requested are skipped.
+      require: heads that must be stored, not started at zero (``("reward",)`` for a reward
+        model that scores: a zero head gives every completion the reward 0).
 
     Returns:
       ``(config, params)``, params shaped like ``init_model(config, key)[1]``.
@@ -266,6 +272,14 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, dtype=None,
     zero_init = {n for n, _ in names.values()
                  if n in ("score.weight", "value_head.weight", "value_head.bias")
                  and n not in tensors}
+    absent = [h for h in require if _HEAD_TENSORS[h] in zero_init]
+    if absent:
+        arch = io.read_json(root, "config.json").get("architectures")
+        raise ValueError(
+            f"checkpoint {str(root)!r} ({arch}) stores no {absent[0]} head "
+            f"({_HEAD_TENSORS[absent[0]]}): it would start at zero and score every completion "
+            f"0. Give a trained reward model (e.g. the reward-model stage's model/, or a "
+            f"*ForSequenceClassification checkpoint)")
     missing = sorted(n for n, _ in names.values() if n not in tensors and n not in zero_init)
     if missing:
         raise ValueError(f"checkpoint {str(root)!r} is missing tensors: {missing}")

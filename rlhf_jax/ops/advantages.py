@@ -138,6 +138,8 @@ def group_advantages(
     ``A_i = (r_i - mean_g(r)) / (std_g(r) + eps)``, or ``A_i = r_i - mean_g(r)`` with
     ``scale_by_std=False`` (Dr.GRPO removes the std to avoid the difficulty bias). ``std_ddof=1``
     is the unbiased std (as TRL). A group of identical rewards gets advantages of exactly 0.
+    ``group_size`` must be >= 2 (``group_size=1`` raises ``ValueError``: a lone sample has no
+    group baseline).
     """
     r = _groups(rewards, group_size)  # [N, G]
     centred = _centred(r)  # [N, G]
@@ -153,6 +155,7 @@ def rloo_advantages(rewards: Float[Array, " B"], *, group_size: int) -> Float[Ar
     """REINFORCE leave-one-out baseline (Kool et al., 2019; Ahmadian et al., 2024).
 
     ``A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j = G / (G - 1) * (r_i - mean_g(r))``.
+    ``group_size`` must be >= 2 (``group_size=1`` raises ``ValueError``: nothing to leave out).
     """
     r = _groups(rewards, group_size)
     d = r - r[:, :1]  # [N, G]; offsets keep identical rewards at exactly 0 (see _centred)
@@ -169,9 +172,11 @@ def reinforce_pp_advantages(
 ) -> Float[Array, "B T"]:
     """REINFORCE++ (Hu, 2025): discounted returns whitened over the *whole batch*.
 
-    ``A_t = (G_t - mean_batch(G)) / std_batch(G)``, statistics over every valid token of the
-    batch; ``token_rewards`` usually holds ``-beta * KL_t`` per token plus the scalar reward on
-    the last token. Under ``jax.jit`` on a sharded batch the statistics are global.
+    ``A_t = (G_t - mean_batch(G)) / sqrt(var_batch(G) + eps)``, statistics over every valid token
+    of the batch, with the *population* variance ``mean((G - mean G)^2)`` (ddof=0, as the
+    authors' OpenRLHF implementation whitens); ``token_rewards``
+    usually holds ``-beta * KL_t`` per token plus the scalar reward on the last token. Under
+    ``jax.jit`` on a sharded batch the statistics are global.
     """
     returns = discounted_returns(token_rewards, mask, gamma=gamma)
-    return masked_whiten(returns, mask, eps=eps)
+    return masked_whiten(returns, mask, eps=eps, unbiased=False)

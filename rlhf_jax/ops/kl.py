@@ -9,7 +9,13 @@ Per-token estimators of ``KL(pi || pi_ref)`` from the log-probs of tokens sample
 * ``k3_st``: the value of k3 with the gradient of k2 (straight-through), unbiased in value and in
   gradient direction when the KL is used as a loss.
 
-``log r`` is clamped to ``[-clamp, clamp]`` before ``exp`` so ratios of +-inf stay finite.
+``log r`` is clamped to ``[-clamp, clamp]`` before ``exp`` so ratios of +-inf stay finite. A NaN
+log-ratio is *not* cleaned: it propagates to the output (so the trainer's non-finite guard skips
+the update) unless its position is masked out by the optional ``mask`` keyword, which zeroes the
+log-ratio *before* any arithmetic (the "double where"), so masked positions give 0 with finite
+gradients whatever they hold. A token with log-prob ``-inf`` under both gives ``log r = 0``.
+Callers that mask afterwards (``where(mask, kl(...), 0)``) must pass ``mask`` too, or a NaN at a
+masked position leaks into the gradient of k2/k3.
 ``KL_ESTIMATORS`` is the one table pipelines and configs choose from.
 """
 
@@ -19,6 +25,8 @@ import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from rlhf_jax.types import Mask
 
 LOG_RATIO_CLAMP = 20.0
 
@@ -31,45 +39,69 @@ def _plogp_ratio(la: jax.Array, lb: jax.Array) -> jax.Array:
     return jnp.sum(p * diff, axis=-1)
 
 
-def _log_ratio(logp: jax.Array, ref_logp: jax.Array, clamp: float) -> jax.Array:
+def _log_ratio(logp: jax.Array, ref_logp: jax.Array, clamp: float, mask) -> jax.Array:
     chex.assert_equal_shape([logp, ref_logp])  # a [B, 1] or [T] reference would broadcast
-    lr = ref_logp.astype(jnp.float32) - logp.astype(jnp.float32)
-    lr = jnp.where(jnp.isnan(lr), 0.0, lr)
-    return jnp.clip(lr, -clamp, clamp)
+    a, b = logp.astype(jnp.float32), ref_logp.astype(jnp.float32)
+    impossible = (a == -jnp.inf) & (b == -jnp.inf)  # -inf - -inf would be NaN: log r = 0
+    lr = jnp.where(impossible, 0.0, b - a)
+    if mask is not None:
+        m = jnp.asarray(mask)
+        chex.assert_equal_shape([lr, m])
+        lr = jnp.where(m.astype(bool), lr, 0.0)  # first where: masked NaN never reaches exp
+    return jnp.clip(lr, -clamp, clamp)  # NaN stays NaN
 
 
 def kl_k1(
-    logp: Float[Array, "*S"], ref_logp: Float[Array, "*S"], *, clamp: float = LOG_RATIO_CLAMP
+    logp: Float[Array, "*S"],
+    ref_logp: Float[Array, "*S"],
+    *,
+    clamp: float = LOG_RATIO_CLAMP,
+    mask: Mask | None = None,
 ) -> Float[Array, "*S"]:
-    """k1 = log pi(y) - log pi_ref(y).
+    """k1 = log pi(y) - log pi_ref(y); NaN propagates unless masked out (0 where ``mask`` is 0).
 
     >>> float(kl_k1(jnp.array(-1.0), jnp.array(-2.0)))
     1.0
     """
-    return -_log_ratio(logp, ref_logp, clamp)
+    return -_log_ratio(logp, ref_logp, clamp, mask)
 
 
 def kl_k2(
-    logp: Float[Array, "*S"], ref_logp: Float[Array, "*S"], *, clamp: float = LOG_RATIO_CLAMP
+    logp: Float[Array, "*S"],
+    ref_logp: Float[Array, "*S"],
+    *,
+    clamp: float = LOG_RATIO_CLAMP,
+    mask: Mask | None = None,
 ) -> Float[Array, "*S"]:
-    """k2 = (log pi_ref(y) - log pi(y))^2 / 2."""
-    return 0.5 * jnp.square(_log_ratio(logp, ref_logp, clamp))
+    """k2 = (log pi_ref(y) - log pi(y))^2 / 2; NaN propagates unless masked out (see module)."""
+    return 0.5 * jnp.square(_log_ratio(logp, ref_logp, clamp, mask))
 
 
 def kl_k3(
-    logp: Float[Array, "*S"], ref_logp: Float[Array, "*S"], *, clamp: float = LOG_RATIO_CLAMP
+    logp: Float[Array, "*S"],
+    ref_logp: Float[Array, "*S"],
+    *,
+    clamp: float = LOG_RATIO_CLAMP,
+    mask: Mask | None = None,
 ) -> Float[Array, "*S"]:
-    """k3 = exp(log r) - 1 - log r with log r = log pi_ref(y) - log pi(y); always >= 0."""
-    lr = _log_ratio(logp, ref_logp, clamp)
+    """k3 = exp(log r) - 1 - log r with log r = log pi_ref(y) - log pi(y); always >= 0.
+
+    NaN propagates unless masked out (see the module docstring).
+    """
+    lr = _log_ratio(logp, ref_logp, clamp, mask)
     return jnp.expm1(lr) - lr
 
 
 def kl_k3_straight_through(
-    logp: Float[Array, "*S"], ref_logp: Float[Array, "*S"], *, clamp: float = LOG_RATIO_CLAMP
+    logp: Float[Array, "*S"],
+    ref_logp: Float[Array, "*S"],
+    *,
+    clamp: float = LOG_RATIO_CLAMP,
+    mask: Mask | None = None,
 ) -> Float[Array, "*S"]:
-    """Value of k3, gradient of k2: ``k2 + stop_gradient(k3 - k2)``."""
-    k2 = kl_k2(logp, ref_logp, clamp=clamp)
-    k3 = kl_k3(logp, ref_logp, clamp=clamp)
+    """Value of k3, gradient of k2: ``k2 + stop_gradient(k3 - k2)``; NaN as in ``kl_k3``."""
+    k2 = kl_k2(logp, ref_logp, clamp=clamp, mask=mask)
+    k3 = kl_k3(logp, ref_logp, clamp=clamp, mask=mask)
     return k2 + jax.lax.stop_gradient(k3 - k2)
 
 

@@ -10,6 +10,10 @@ instead of ``O(B * T * V)``, and no padded or transposed copy of ``hidden`` or `
 
 All arithmetic is float32 whatever the input dtype. log pi(y) = z_y - logsumexp(z): we gather
 the target logit and subtract the log-sum-exp rather than materialising a full log-softmax.
+Everything is computed on logits shifted by their maximum ``m`` (``z - m <= 0``), so the result
+does not lose precision in proportion to ``|m|``: ``log pi(y) = (z_y - m) - log s`` and
+``H = log s - E[z - m]`` with ``s = sum exp(z - m)``. Adding ``m`` back first (``m + log s``) would
+round to the float32 spacing of ``m`` (6e-5 at logits near 1000).
 """
 
 from __future__ import annotations
@@ -40,6 +44,13 @@ def _scaled(logits: jax.Array, temperature: float) -> jax.Array:
     return z if temperature == 1.0 else z / temperature
 
 
+def _shifted(z: jax.Array) -> jax.Array:
+    """``z - max_v z`` (a constant shift: no gradient through the max; an all ``-inf`` row is
+    left unshifted)."""
+    m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))  # [..., 1]
+    return z - jnp.where(jnp.isfinite(m), m, 0.0)
+
+
 def token_logprobs(
     logits: Float[Array, "B T V"], targets: Int[Array, "B T"], *, temperature: float = 1.0
 ) -> Float[Array, "B T"]:
@@ -52,7 +63,7 @@ def token_logprobs(
     -1.3863
     """
     chex.assert_shape(targets, jnp.shape(logits)[:-1])  # take_along_axis would broadcast
-    z = _scaled(logits, temperature)  # [B, T, V]
+    z = _shifted(_scaled(logits, temperature))  # [B, T, V]; z - max
     z_y = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return z_y - jax.nn.logsumexp(z, axis=-1)
 
@@ -63,9 +74,11 @@ def entropy_from_logits(
     """Entropy of ``softmax(logits / temperature)`` per position, in nats.
 
     Formula: ``H = logsumexp(z) - sum_v softmax(z)_v z_v`` with ``0 * (-inf) = 0``, so logits
-    masked to ``-inf`` (top-k, banned tokens) give a finite entropy and finite gradients.
+    masked to ``-inf`` (top-k, banned tokens) give a finite entropy and finite gradients. Both
+    terms are evaluated on ``z - max z`` (``H`` is shift-invariant), which keeps full float32
+    precision at large logits.
     """
-    z = _scaled(logits, temperature)
+    z = _shifted(_scaled(logits, temperature))
     lse = jax.nn.logsumexp(z, axis=-1)
     p = jax.nn.softmax(z, axis=-1)
     live = p > 0
@@ -90,7 +103,9 @@ def _logits(h: jax.Array, w: jax.Array, temperature: float) -> jax.Array:
 
 
 def _chunk_stats(h, w, chunk_v: int, temperature: float):
-    """Online (max, sum exp(z - m), sum exp(z - m) z) over vocabulary chunks of ``h`` [B, t, D]."""
+    """Online ``(m, s, u) = (max z, sum exp(z - m), sum exp(z - m) (z - m))`` over vocabulary
+    chunks of ``h`` [B, t, D]. When the max moves from ``m`` to ``m'`` both sums are rescaled by
+    ``exp(m - m')`` and ``u`` also gains ``s (m - m')`` (its terms are relative to the max)."""
     v = w.shape[1]
 
     def body(i, carry):
@@ -100,9 +115,11 @@ def _chunk_stats(h, w, chunk_v: int, temperature: float):
         z = jnp.where(new, z, NEG_INF)  # [B, t, cv]
         m_new = jnp.maximum(m, jnp.max(z, axis=-1))
         scale = jnp.exp(m - m_new)
-        e = jnp.exp(z - m_new[..., None])
-        ez = jnp.where(new, e * z, 0.0)
-        return m_new, s * scale + e.sum(-1), u * scale + ez.sum(-1)
+        zc = z - m_new[..., None]  # [B, t, cv]; <= 0
+        e = jnp.exp(zc)
+        ez = jnp.where(new, e * zc, 0.0)
+        u = scale * (u + s * (m - m_new))  # s is 0 while m is still NEG_INF: no overflow
+        return m_new, s * scale + e.sum(-1), u + ez.sum(-1)
 
     shape = h.shape[:2]
     init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape), jnp.zeros(shape))
@@ -110,7 +127,8 @@ def _chunk_stats(h, w, chunk_v: int, temperature: float):
 
 
 def _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v):
-    """Per position: ``lse = logsumexp(z)``, ``ez = E_softmax(z)[z]`` and the target logit."""
+    """Per position: the max ``m``, ``log s = logsumexp(z - m)``, ``ezc = E_softmax(z)[z - m]``
+    and the target logit relative to the max, ``z_y - m``."""
     b, t, _ = hidden.shape
 
     def body(i, outs):
@@ -120,31 +138,31 @@ def _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v):
         m, s, u = _chunk_stats(h, unembed, chunk_v, temperature)
         w_y = jnp.take(unembed, y, axis=1)  # [D, B, ct]
         z_y = jnp.einsum("btd,dbt->bt", h, w_y, preferred_element_type=jnp.float32)
-        new = (m + jnp.log(s), u / s, z_y.astype(jnp.float32) / temperature)
+        new = (m, jnp.log(s), u / s, z_y.astype(jnp.float32) / temperature - m)
         return tuple(jax.lax.dynamic_update_slice_in_dim(o, n, start, axis=1)
                      for o, n in zip(outs, new))
 
     zeros = jnp.zeros((b, t), jnp.float32)
-    return jax.lax.fori_loop(0, -(-t // chunk_t), body, (zeros, zeros, zeros))
+    return jax.lax.fori_loop(0, -(-t // chunk_t), body, (zeros,) * 4)
 
 
 # ``mode``: which outputs are differentiated ("logprobs", "entropy" or "both"); the forward pass
 # yields both from one sweep over the vocabulary either way.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _chunked(hidden, unembed, targets, mode, temperature, chunk_t, chunk_v):
-    lse, ez, z_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v)
-    return z_y - lse, lse - ez
+    _, log_s, ezc, zc_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v)
+    return zc_y - log_s, log_s - ezc
 
 
 def _chunked_fwd(hidden, unembed, targets, mode, temperature, chunk_t, chunk_v):
-    lse, ez, z_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v)
-    return (z_y - lse, lse - ez), (hidden, unembed, targets, lse, ez)
+    m, log_s, ezc, zc_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v)
+    return (zc_y - log_s, log_s - ezc), (hidden, unembed, targets, m, log_s, ezc)
 
 
 def _chunked_bwd(mode, temperature, chunk_t, chunk_v, res, gs):
     """Recompute each logit chunk; ``dz = g_lp (onehot(y) - p) - g_H p (z - E[z])``, over T (a
     term is skipped when ``mode`` says its output is not differentiated)."""
-    hidden, unembed, targets, lse, ez = res
+    hidden, unembed, targets, m, log_s, ezc = res
     (b, t, d), v = hidden.shape, unembed.shape[1]
     use_lp, use_ent = mode in ("logprobs", "both"), mode in ("entropy", "both")
     g_lp, g_ent = (x.astype(jnp.float32) for x in gs)
@@ -154,7 +172,7 @@ def _chunked_bwd(mode, temperature, chunk_t, chunk_v, res, gs):
         start, new_t = _span(t, chunk_t, i)
         sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start,
                                slice_size=chunk_t, axis=1)
-        h, y, lse_c, ez_c = sl(hidden), sl(targets), sl(lse), sl(ez)
+        h, y, m_c, log_s_c, ezc_c = sl(hidden), sl(targets), sl(m), sl(log_s), sl(ezc)
         gl_c = jnp.where(new_t, sl(g_lp), 0.0) / temperature  # [B, ct]; overlap counted once
         ge_c = jnp.where(new_t, sl(g_ent), 0.0) / temperature
 
@@ -162,14 +180,14 @@ def _chunked_bwd(mode, temperature, chunk_t, chunk_v, res, gs):
             dh_c, dw = inner
             vs, new_v = _span(v, chunk_v, j)
             w = jax.lax.dynamic_slice_in_dim(unembed, vs, chunk_v, axis=1)  # [D, cv]
-            z = _logits(h, w, temperature)  # [B, ct, cv]
-            p = jnp.where(new_v, jnp.exp(z - lse_c[..., None]), 0.0)
+            zc = _logits(h, w, temperature) - m_c[..., None]  # [B, ct, cv]; z - max
+            p = jnp.where(new_v, jnp.exp(zc - log_s_c[..., None]), 0.0)
             dz = jnp.zeros_like(p)
             if use_lp:
                 hit = (vs + jnp.arange(chunk_v) == y[..., None]) & new_v
                 dz = gl_c[..., None] * (hit.astype(jnp.float32) - p)
             if use_ent:
-                dz = dz - ge_c[..., None] * p * (z - ez_c[..., None])
+                dz = dz - ge_c[..., None] * p * (zc - ezc_c[..., None])  # z - E[z]
             dh_c = dh_c + jnp.einsum("btv,dv->btd", dz, w, preferred_element_type=jnp.float32)
             dw_c = jnp.einsum("btd,btv->dv", h, dz, preferred_element_type=jnp.float32)
             old = jax.lax.dynamic_slice_in_dim(dw, vs, chunk_v, axis=1)
@@ -233,8 +251,8 @@ def chunked_entropy(
 ) -> Float[Array, "B T"]:
     """``entropy_from_logits(hidden @ unembed)`` without materialising ``[B, T, V]``.
 
-    With ``m`` the running max, ``s = sum exp(z - m)`` and ``u = sum exp(z - m) z``:
-    ``H = m + log s - u / s``.
+    With ``m`` the running max, ``s = sum exp(z - m)`` and ``u = sum exp(z - m) (z - m)``:
+    ``H = log s - u / s`` (no ``m`` added and subtracted back: full precision at large logits).
     """
     ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v)
     targets = jnp.zeros(hidden.shape[:2], jnp.int32)  # unused by the entropy
@@ -252,8 +270,9 @@ def chunked_logprobs_and_entropy(
 ) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
     """``(chunked_token_logprobs(...), chunked_entropy(...))`` from one sweep over the
     vocabulary (one logit matmul instead of two, forward and backward): the online statistics
-    ``m``, ``s = sum exp(z - m)``, ``u = sum exp(z - m) z`` give ``log pi(y) = z_y - m - log s``
-    and ``H = m + log s - u / s``. The gradient sums both terms' ``dz`` in one pass.
+    ``m``, ``s = sum exp(z - m)``, ``u = sum exp(z - m) (z - m)`` give
+    ``log pi(y) = (z_y - m) - log s`` and ``H = log s - u / s``. The gradient sums both terms'
+    ``dz`` in one pass.
     """
     ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v, targets)
     return _chunked(hidden, unembed, targets.astype(jnp.int32), "both", float(temperature),

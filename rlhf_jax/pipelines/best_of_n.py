@@ -57,6 +57,10 @@ class BestOfNConfig:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.rewards.model is None:
             raise ValueError("best-of-N needs rewards.model (the reward model that selects)")
+        if self.group_size > 1 and self.sampling.temperature == 0:
+            raise ValueError(f"sampling.temperature=0 draws the same completion {self.group_size}"
+                             f" times (greedy): best-of-{self.group_size} would select among "
+                             f"copies; use a temperature > 0")
         if self.data.on_overflow == "truncate":
             raise ValueError("data.on_overflow='truncate' would cut prompts; use 'error' or "
                              "'skip' for prompt data")
@@ -97,8 +101,9 @@ class _Tally:
         out = {"reward_model/best_mean": float(np.mean(self.best)),
                "reward_model/sample_mean": float(np.mean(self.mean))}
         for name in self.extra_best:
-            out[f"{name}/best_mean"] = float(np.mean(self.extra_best[name]))
-            out[f"{name}/sample_mean"] = float(np.mean(self.extra_all[name]))
+            # a scorer's None (does not apply) is NaN here and left out of the means
+            out[f"{name}/best_mean"] = float(np.nanmean(self.extra_best[name]))
+            out[f"{name}/sample_mean"] = float(np.nanmean(self.extra_all[name]))
         return out
 
 
@@ -109,16 +114,16 @@ def run(cfg: BestOfNConfig, *, eval_rewards: Mapping[str, RewardFn] | None = Non
     tokenizer = load_tokenizer(cfg.tokenizer, "policy", cfg.policy,
                                others={"rewards.model": cfg.rewards.model},
                                chat_template=cfg.data.chat_template)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir, ignore=())
     report: dict = {}
     prompts, rows = load_prompts(cfg.data.train, cfg.data, tokenizer, report=report)
     v, n, s = tokenizer.vocab_size, cfg.group_size, cfg.sampling
     policy, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)
     rm, rm_params = load_model(cfg.rewards.model, heads=("reward",), vocab_size=v,
-                               seed=cfg.seed)
+                               seed=cfg.seed, require=("reward",))
     check_sequence_fits({"policy": policy.config, "reward": rm.config},
                         prompt_width=prompts.tokens.shape[1],
                         max_new_tokens=s.max_new_tokens)
+    run_dir = prepare_run_dir(cfg, cfg.output_dir, ignore=())  # after every check
     sample = make_sampler(policy, SamplingConfig(
         max_new_tokens=s.max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, n=n))
@@ -140,7 +145,8 @@ def run(cfg: BestOfNConfig, *, eval_rewards: Mapping[str, RewardFn] | None = Non
             rep = np.repeat(real, n)
             cols = {c: [rows[k].get(c) for k in rep] for c in rows[0] if c != "prompt"}
             extra = call_reward_fns(eval_rewards, [rows[k]["prompt"] for k in rep],
-                                    texts[:len(real) * n], cols)
+                                    texts[:len(real) * n], cols,
+                                    time_limit=cfg.rewards.time_limit).values
         tally.add([rows[k] for k in real], texts, scores, n, extra)
         if bar is not None:
             bar.update(len(real))

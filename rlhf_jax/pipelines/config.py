@@ -30,6 +30,7 @@ from typing import Any, Mapping
 from rlhf_jax.data import ON_OVERFLOW
 from rlhf_jax.ops import KL_CONTROLLERS, KL_ESTIMATORS
 from rlhf_jax.parallel import MeshConfig
+from rlhf_jax.rewards import NON_FINITE
 from rlhf_jax.train import LoggingConfig, LoopConfig, OptimizerConfig, check_schedule
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -153,8 +154,21 @@ class RewardConfig:
     """Weights of ``functions``, in order (empty: 1 each)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the reward of completions that end without an EOS."""
+    non_finite: str = "error"
+    """A reward function's NaN / inf, or a completion no function applies to (all None):
+    ``error`` (stop, naming the function) or ``drop`` (leave the completion and its group out
+    of the loss; counted as ``rewards_dropped_frac``)."""
+    time_limit: float | None = 10.0
+    """Seconds per reward-function call; a call over it scores its batch 0 (counted as
+    ``reward_timeouts``). None: no limit."""
 
     def __post_init__(self):
+        if self.non_finite not in NON_FINITE:
+            raise ValueError(f"rewards.non_finite must be one of {NON_FINITE}, got "
+                             f"{self.non_finite!r}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"rewards.time_limit must be > 0 seconds or None, got "
+                             f"{self.time_limit}")
         if self.weights and len(self.weights) != len(self.functions):
             raise ValueError(f"rewards.weights has {len(self.weights)} entries for "
                              f"{len(self.functions)} rewards.functions")

@@ -89,7 +89,6 @@ def run(cfg: DistillConfig) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer, field, spec, others=others,
                                chat_template=cfg.data.chat_template)
     generation = base_generation(cfg.student)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir)
     report: dict = {}  # rows per file, and those skipped or truncated
     train = load_sft_batch(cfg.data.train, cfg.data, tokenizer, report=report)
     evals = (load_sft_batch(cfg.data.eval, cfg.data, tokenizer, report=report)
@@ -103,6 +102,8 @@ def run(cfg: DistillConfig) -> dict:
     student, params = load_model(cfg.student, heads=("lm",), vocab_size=v, seed=cfg.seed + 1)
     check_length_fits({"teacher": teacher.config, "student": student.config},
                       row_length(train, evals))
+    # after every check above: a start refused for its config or data writes nothing
+    run_dir = prepare_run_dir(cfg, cfg.output_dir)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"teacher vocab {teacher.config.vocab_size} != student vocab "
                          f"{student.config.vocab_size}: distillation needs a shared tokenizer")

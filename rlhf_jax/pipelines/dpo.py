@@ -142,7 +142,6 @@ def run(cfg: DPOConfig) -> dict:
                                others={"reference": cfg.reference},
                                chat_template=cfg.data.chat_template)
     generation = base_generation(cfg.policy)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir)
     report: dict = {}  # rows per file, and those skipped or truncated
     train = load_pairs(cfg.data.train, cfg.data, tokenizer, report=report)
     evals = (load_pairs(cfg.data.eval, cfg.data, tokenizer, report=report)
@@ -155,6 +154,8 @@ def run(cfg: DPOConfig) -> dict:
     v = tokenizer.vocab_size
     model, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)
     check_length_fits({"policy": model.config}, row_length(train, evals))
+    # after every check above: a start refused for its config or data writes nothing
+    run_dir = prepare_run_dir(cfg, cfg.output_dir)
 
     def with_ref(pairs):
         n = pairs.chosen.tokens.shape[0]

@@ -42,7 +42,7 @@ from rlhf_jax.ops import group_advantages, reinforce_pp_advantages, rloo_advanta
 from rlhf_jax.pipelines import onpolicy
 from rlhf_jax.pipelines.config import KLConfig, OnPolicyConfig
 from rlhf_jax.rewards import RewardFn
-from rlhf_jax.train import Forward, OnPolicyAlgorithm, Rewards
+from rlhf_jax.train import Forward, OnPolicyAlgorithm
 from rlhf_jax.types import Rollout
 
 
@@ -134,6 +134,10 @@ class GRPOConfig(OnPolicyConfig):
         if self.kl.mode != "loss" or self.kl.controller != "fixed":
             raise ValueError("GRPO keeps the KL in the loss with a fixed coefficient "
                              "(kl.mode='loss', kl.controller='fixed')")
+        if self.sampling.temperature == 0:
+            raise ValueError("sampling.temperature=0 samples every completion of a group alike "
+                             "(greedy): the group-baseline advantages are then all 0 and "
+                             "nothing trains; use a temperature > 0 (TRL's default is 1.0)")
 
 
 def grpo_algorithm(a: GRPOAlgorithmConfig, kl: KLConfig, *,
@@ -184,8 +188,7 @@ def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
     prep = onpolicy.prepare(cfg, group_size=g)
     models, params, frozen, reference = onpolicy.load_models(
         cfg, prep, value_model=None, use_reference=cfg.kl.coef > 0)
-    rewards = Rewards(functions=fns, weights=weights, model_weight=cfg.rewards.model_weight,
-                      missing_eos_penalty=cfg.rewards.missing_eos_penalty)
+    rewards = onpolicy.engine_rewards(cfg, fns, weights)
     return onpolicy.run_onpolicy(
         cfg, grpo_algorithm(cfg.algorithm, cfg.kl, max_new_tokens=cfg.sampling.max_new_tokens),
         prep=prep, models=models, params=params, frozen=frozen,

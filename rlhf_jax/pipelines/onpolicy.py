@@ -33,6 +33,7 @@ class Prepared:
     """A stage's checked inputs, before any model is built."""
 
     run_dir: str
+    """``cfg.output_dir``, created (with ``config.json``) by ``run_onpolicy``."""
     tokenizer: Tokenizer
     data: BatchIterator
     rows: list
@@ -49,13 +50,12 @@ class Prepared:
 
 def prepare(cfg: OnPolicyConfig, *, group_size: int) -> Prepared:
     """Tokenizer (by default the policy checkpoint's, checked against every checkpoint's),
-    run directory, prompts and mesh: every data and config check before the models are built
-    or anything compiled."""
+    prompts and mesh: every data and config check before the models are built, anything
+    compiled or the run directory written."""
     tokenizer = load_tokenizer(cfg.tokenizer, "policy", cfg.policy, others={
         "reference": cfg.reference, "rewards.model": cfg.rewards.model,
         "value_init": getattr(cfg, "value_init", None)}, chat_template=cfg.data.chat_template)
     generation = base_generation(cfg.policy)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir)
     report: dict = {}
     prompts, rows = load_prompts(cfg.data.train, cfg.data, tokenizer, report=report)
     ev, ev_rows = (load_prompts(cfg.data.eval, cfg.data, tokenizer, report=report)
@@ -65,7 +65,7 @@ def prepare(cfg: OnPolicyConfig, *, group_size: int) -> Prepared:
     what = "data.batch_size" + (f" * group_size ({group_size})" if group_size > 1 else "")
     mesh = make_mesh(cfg.mesh, cfg.data.batch_size * group_size, what=what)
     width = max(prompts.tokens.shape[1], 0 if ev is None else ev.tokens.shape[1])
-    return Prepared(run_dir, tokenizer, data, rows, ev, ev_rows, mesh, generation, width,
+    return Prepared(cfg.output_dir, tokenizer, data, rows, ev, ev_rows, mesh, generation, width,
                     report)
 
 
@@ -81,6 +81,15 @@ def reward_functions(cfg: OnPolicyConfig, given: Mapping[str, RewardFn] | None,
     fns |= dict(given or {})
     w = {k: float({**cfg_w, **(weights or {})}.get(k, 1.0)) for k in fns}
     return fns, w
+
+
+def engine_rewards(cfg: OnPolicyConfig, fns: Mapping[str, RewardFn],
+                   weights: Mapping[str, float]) -> Rewards:
+    """The engine's ``Rewards`` from the ``rewards`` block and the resolved functions."""
+    r = cfg.rewards
+    return Rewards(functions=fns, weights=weights, model_weight=r.model_weight,
+                   missing_eos_penalty=r.missing_eos_penalty, non_finite=r.non_finite,
+                   time_limit=r.time_limit)
 
 
 def load_models(cfg: OnPolicyConfig, prep: Prepared, *, value_model: str | None,
@@ -100,7 +109,7 @@ def load_models(cfg: OnPolicyConfig, prep: Prepared, *, value_model: str | None,
     reward = critic = None
     if cfg.rewards.model is not None:
         reward, frozen["reward"] = load_model(cfg.rewards.model, heads=("reward",),
-                                              vocab_size=v, seed=seed)
+                                              vocab_size=v, seed=seed, require=("reward",))
     if value_model == "separate":
         init = getattr(cfg, "value_init", None) or cfg.rewards.model
         critic, params["value"] = load_model(init, heads=("value",), vocab_size=v, seed=seed)
@@ -132,6 +141,8 @@ def run_onpolicy(cfg: OnPolicyConfig, algo: OnPolicyAlgorithm, *, prep: Prepared
     """Train with the engine (resumable), evaluate every ``loop.eval_every`` steps, export the
     policy and write ``result.json`` (plus ``result_extra(state)``); returns the result plus
     ``state``, ``models`` and the ``evaluator``."""
+    # written only now, after every data, config and model check: a refused start writes nothing
+    prepare_run_dir(cfg, prep.run_dir)
     optimizer = make_optimizer(cfg.optimizer, cfg.loop.total_steps)
     engine = OnPolicyEngine(algo, models, sampling=sampling_config(cfg, prep.tokenizer,
                                                                    n=group_size),
@@ -150,7 +161,8 @@ def run_onpolicy(cfg: OnPolicyConfig, algo: OnPolicyAlgorithm, *, prep: Prepared
             ref_params=engine.frozen.get("reference", reference[1]),
             tokenizer=prep.tokenizer, prompts=prep.eval_prompts, rows=prep.eval_rows,
             sampling=sampling_config(cfg, prep.tokenizer, greedy=greedy_eval),
-            reward_fns=eval_rewards, device_rewards=rm_fn, seed=cfg.seed)
+            reward_fns=eval_rewards, device_rewards=rm_fn, seed=cfg.seed,
+            time_limit=cfg.rewards.time_limit)
         eval_fn = lambda s: evaluator(s.params["policy"])  # noqa: E731
     state, _ = train_loop(cfg.loop, run_dir=prep.run_dir, state=state, step_fn=engine.step,
                           data=prep.data, eval_fn=eval_fn, postfix=postfix,

@@ -31,7 +31,7 @@ from rlhf_jax.ops.stats import Mean
 from rlhf_jax.pipelines import onpolicy
 from rlhf_jax.pipelines.config import KLConfig, ModelSpec, OnPolicyConfig, OptimizerConfig
 from rlhf_jax.rewards import RewardFn
-from rlhf_jax.train import Forward, OnPolicyAlgorithm, Rewards
+from rlhf_jax.train import Forward, OnPolicyAlgorithm
 from rlhf_jax.types import Rollout
 
 
@@ -135,7 +135,8 @@ def ppo_algorithm(a: PPOAlgorithmConfig, kl: KLConfig) -> OnPolicyAlgorithm:
             metrics |= {f"policy/{k}": v for k, v in em.items()}
             total = total + el
         if kl.mode == "loss":
-            k = jnp.where(mb.mask, KL_ESTIMATORS[kl.estimator](fwd.logprobs, mb.ref_logp), 0.0)
+            k = jnp.where(mb.mask, KL_ESTIMATORS[kl.estimator](fwd.logprobs, mb.ref_logp,
+                                                                 mask=mb.mask), 0.0)
             kl_sum, _ = aggregate_loss(k, mb.mask, mode=a.aggregation)
             total = total + algo_state.kl_coef * kl_sum
             metrics["policy/kl"] = Mean(kl_sum, count)
@@ -161,8 +162,7 @@ def run(cfg: PPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
     fns, weights = onpolicy.reward_functions(cfg, reward_fns, reward_weights)
     models, params, frozen, reference = onpolicy.load_models(
         cfg, prep, value_model=cfg.algorithm.value_model, use_reference=True)
-    rewards = Rewards(functions=fns, weights=weights, model_weight=cfg.rewards.model_weight,
-                      missing_eos_penalty=cfg.rewards.missing_eos_penalty)
+    rewards = onpolicy.engine_rewards(cfg, fns, weights)
     return onpolicy.run_onpolicy(
         cfg, ppo_algorithm(cfg.algorithm, cfg.kl), prep=prep, models=models, params=params,
         frozen=frozen,

@@ -90,7 +90,6 @@ def run(cfg: RewardModelConfig) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer, "model", cfg.model,
                                chat_template=cfg.data.chat_template)
     generation = base_generation(cfg.model)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir)
     report: dict = {}  # rows per file, and those skipped or truncated
     train = load_pairs(cfg.data.train, cfg.data, tokenizer, report=report)
     evals = (load_pairs(cfg.data.eval, cfg.data, tokenizer, report=report)
@@ -102,6 +101,8 @@ def run(cfg: RewardModelConfig) -> dict:
     model, params = load_model(cfg.model, heads=("reward",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
     check_length_fits({"model": model.config}, row_length(train, evals))
+    # after every check above: a start refused for its config or data writes nothing
+    run_dir = prepare_run_dir(cfg, cfg.output_dir)
     loss_fn = make_reward_loss(model, margin=cfg.algorithm.margin,
                                center_coef=cfg.algorithm.center_coef)
     task = SupervisedTask(loss_fn=loss_fn, data=data, eval_batches=batches, eval_post=_with_std,

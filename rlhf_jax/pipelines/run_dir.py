@@ -41,17 +41,25 @@ def write_json(path: str, obj) -> None:
         atomic_write_json(path, obj)
 
 
+def _has_checkpoint(output_dir: str) -> bool:
+    """Whether a step was saved (``checkpoints/<step>``): only then is there a run to resume."""
+    ckpt = os.path.join(output_dir, "checkpoints")
+    return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
+
+
 def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = NOT_IDENTITY) -> str:
     """Create ``output_dir`` and write ``config.json``; refuse to resume under another config.
 
     A restarted run (same directory) must use the same config except for the blocks in
-    ``ignore``. Only process 0 writes the file.
+    ``ignore``, once it has saved a checkpoint; a run that never saved one (it stopped on an
+    error, say) has nothing to resume, and the new config replaces the old. Only process 0
+    writes the file.
     """
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "config.json")
     check_inside(output_dir, path, "config.json")
     new = {"kind": type(cfg).__name__} | config_dict(cfg)
-    if os.path.exists(path):
+    if os.path.exists(path) and _has_checkpoint(output_dir):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         diff = sorted(k for k in set(old) | set(new)

@@ -67,10 +67,13 @@ def base_generation(spec: ModelSpec) -> dict[str, Any]:
     return {} if spec.path is None else load_generation_config(spec.path)
 
 
-def load_model(spec: ModelSpec, *, heads: tuple[str, ...], vocab_size: int, seed: int):
-    """``(Model, params)`` with exactly ``heads``; heads the checkpoint lacks start at zero."""
+def load_model(spec: ModelSpec, *, heads: tuple[str, ...], vocab_size: int, seed: int,
+               require: tuple[str, ...] = ()):
+    """``(Model, params)`` with exactly ``heads``; heads the checkpoint lacks start at zero,
+    except those in ``require`` (a scoring reward model's), which are an error."""
     if spec.path is not None:
-        config, params = load_hf_checkpoint(spec.path, dtype=spec.dtype, heads=heads)
+        config, params = load_hf_checkpoint(spec.path, dtype=spec.dtype, heads=heads,
+                                            require=require)
         if config.vocab_size < vocab_size:
             raise ValueError(f"model at {spec.path} has vocab_size {config.vocab_size} < the "
                              f"tokenizer's {vocab_size}")

@@ -49,7 +49,6 @@ def run(cfg: SFTConfig) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer, "model", cfg.model,
                                chat_template=cfg.data.chat_template)
     generation = base_generation(cfg.model)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir)
     report: dict = {}  # rows per file, and those skipped or truncated
     train = load_sft_batch(cfg.data.train, cfg.data, tokenizer, report=report)
     evals = (load_sft_batch(cfg.data.eval, cfg.data, tokenizer, report=report)
@@ -61,6 +60,8 @@ def run(cfg: SFTConfig) -> dict:
     model, params = load_model(cfg.model, heads=("lm",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
     check_length_fits({"model": model.config}, row_length(train, evals))
+    # after every check above: a start refused for its config or data writes nothing
+    run_dir = prepare_run_dir(cfg, cfg.output_dir)
 
     def loss_fn(p, batch, key):
         lp = token_batch_logprobs(model, p, batch)

@@ -4,7 +4,8 @@ Reward functions have the TRL signature ``fn(prompts, completions, **columns) ->
 ``REWARD_FUNCTIONS`` is the table configs name them from (``rewards.functions``).
 """
 
-from rlhf_jax.rewards.functions import RewardFn, call_reward_fns, resolve_reward_function
+from rlhf_jax.rewards.functions import (NON_FINITE, RewardFn, RewardScores, call_reward_fns,
+                                        combine_rewards, nan_means, resolve_reward_function)
 from rlhf_jax.rewards.verifiers import (
     REWARD_FUNCTIONS,
     exact_match,
@@ -15,9 +16,13 @@ from rlhf_jax.rewards.verifiers import (
 )
 
 __all__ = [
+    "NON_FINITE",
     "REWARD_FUNCTIONS",
     "RewardFn",
+    "RewardScores",
     "call_reward_fns",
+    "combine_rewards",
+    "nan_means",
     "exact_match",
     "exact_match_reward",
     "parse_expression",

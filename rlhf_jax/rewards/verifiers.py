@@ -311,15 +311,20 @@ def with_time_limit(fn: Callable, seconds: float) -> Callable:
 
     @functools.wraps(fn)
     def limited(prompts, completions, **kwargs):
-        args = (prompts, completions)
-        use_alarm = (hasattr(signal, "setitimer")
-                     and threading.current_thread() is threading.main_thread()
-                     and signal.getsignal(signal.SIGALRM) is not None)  # None: set outside Python
-        call = _call_with_alarm if use_alarm else _call_in_thread
-        finished, result = call(fn, seconds, args, kwargs)
+        finished, result = call_limited(fn, seconds, (prompts, completions), kwargs)
         return result if finished else [0.0] * len(completions)
 
     return limited
+
+
+def call_limited(fn: Callable, seconds: float, args: tuple, kwargs: dict):
+    """``(True, fn(*args, **kwargs))``, or ``(False, None)`` when the call overran
+    ``seconds`` (the mechanism of ``with_time_limit``); exceptions of ``fn`` propagate."""
+    use_alarm = (hasattr(signal, "setitimer")
+                 and threading.current_thread() is threading.main_thread()
+                 and signal.getsignal(signal.SIGALRM) is not None)  # None: set outside Python
+    call = _call_with_alarm if use_alarm else _call_in_thread
+    return call(fn, seconds, args, kwargs)
 
 
 REWARD_FUNCTIONS: dict[str, Callable[..., list[float]]] = {

@@ -10,8 +10,10 @@ The host never waits for the device between steps: the count of consecutive non-
 (``state.skipped``) is watched on device and read only where the loop syncs anyway (a log row,
 an evaluation, a save, the end), so a run that hits ``max_consecutive_skips`` stops there with
 ``NonFiniteError`` naming the step where the limit was reached, and saves nothing after it.
-SIGTERM (a scheduler's pre-emption notice) saves the current step, waits for the write and stops
-cleanly. Where metrics go (progress bar, console, TensorBoard, trackers) is ``LoggingConfig``.
+SIGTERM (a scheduler's pre-emption notice) and a first Ctrl-C (SIGINT) save the current step,
+wait for the write and stop cleanly (the stage's result then says ``complete: false``); a second
+Ctrl-C aborts at once. A resume is said on stderr. Where metrics go (progress bar, console,
+TensorBoard, trackers) is ``LoggingConfig``.
 """
 
 from __future__ import annotations
@@ -161,18 +163,23 @@ class _Run:
         self.skips = _SkipWatch(cfg.max_consecutive_skips)
         self.history: list[dict] = []
         self.pending, self.tokens, self.t0 = [], 0, time.perf_counter()
-        self.ledger = self.jsonl = self.bar = self._previous = None
+        self.ledger = self.jsonl = self.bar = None
+        self._previous: dict = {}
         self.trackers: list = []
-        self.sigterm = False
+        self.stop_signal: str | None = None
 
     def open(self, state, hparams: Mapping[str, Any] | None):
         """Restore the latest checkpoint (if any) into ``state`` and ``data``, truncate what
-        was logged after it, open the sinks, catch SIGTERM; returns the state to train."""
+        was logged after it, open the sinks, catch SIGTERM and SIGINT; returns the state to
+        train. A resume is said on stderr (``resuming RUN_DIR from step N of M``)."""
         restored = self.ckpt.restore(None, state)
         if restored is not None:
             state, meta = restored
             self.data.restore(meta["data"])
         self.start = int(jax.device_get(state.step))
+        if restored is not None and self.main:
+            print(f"resuming {self.run_dir} from step {self.start} of {self.cfg.total_steps}",
+                  file=sys.stderr)
         if self.main:
             join = functools.partial(os.path.join, self.run_dir)
             self.trackers = open_trackers(self.logging, self.run_dir, hparams=hparams,
@@ -182,9 +189,20 @@ class _Run:
             self.jsonl = JsonlSink(join("metrics.jsonl"))
             self.bar = _progress(self.logging, self.cfg, self.start)
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "sigterm", True))
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._on_signal)
         return state
+
+    def _on_signal(self, signum, _frame) -> None:
+        """SIGTERM or a first Ctrl-C: save the current step and stop after it; a second Ctrl-C
+        aborts at once (the last saved checkpoint stays the resume point)."""
+        if signum == signal.SIGINT and self.stop_signal is not None:
+            raise KeyboardInterrupt("second Ctrl-C: stopped without saving this step")
+        self.stop_signal = signal.Signals(signum).name
+        if self.main:
+            print(f"{self.stop_signal}: saving at the end of this step, then stopping "
+                  f"(Ctrl-C again to abort at once)", file=sys.stderr)
 
     def log(self, step: int, row: dict, split: str) -> None:
         self.history.append({"step": step, "split": split} | row)
@@ -212,7 +230,7 @@ class _Run:
         self.ckpt.save(step, state, {"data": self.data.state(), "step": step}, force=True)
 
     def after_step(self, state, done: int, eval_fn) -> bool:
-        """The periodic actions after step ``done``; False when SIGTERM stops the run."""
+        """The periodic actions after step ``done``; False when SIGTERM / SIGINT stops the run."""
         cfg, last = self.cfg, done == self.cfg.total_steps
         log_now = done % cfg.log_every == 0 or last
         eval_now = eval_fn is not None and (last or bool(cfg.eval_every)
@@ -225,11 +243,12 @@ class _Run:
             self.log(done, dict(eval_fn(state)), "eval")
         if self.bar is not None:
             self.bar.update(1)
-        stopping = _any_process(self.sigterm)
+        stopping = _any_process(self.stop_signal is not None)
         if (cfg.save_every and done % cfg.save_every == 0) or stopping:
             self.save(state, done)
         if stopping and self.main:
-            print(f"SIGTERM: saved step {done}; stopping", file=sys.stderr)
+            print(f"{self.stop_signal or 'SIGTERM'}: saved step {done}; stopping (run the same "
+                  f"command again to resume)", file=sys.stderr)
         return not stopping
 
     def close(self, ok: bool) -> None:
@@ -241,8 +260,8 @@ class _Run:
         for sink in self.trackers:
             sink.close(ok=ok)
         self.ckpt.close()
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 _LOGGING = LoggingConfig()  # the default: progress bar, console, TensorBoard

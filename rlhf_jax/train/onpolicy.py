@@ -41,7 +41,7 @@ from rlhf_jax.ops import kl_k1, masked_mean
 from rlhf_jax.ops.stats import Mean
 from rlhf_jax.parallel import (batch_sharding, fetch, from_main, param_shardings, put,
                                replicated)
-from rlhf_jax.rewards import RewardFn, call_reward_fns
+from rlhf_jax.rewards import RewardFn, call_reward_fns, combine_rewards, nan_means
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train.state import TrainState, create_train_state, state_shardings, step_key
 from rlhf_jax.train.step import minibatch_updates
@@ -116,6 +116,11 @@ class Rewards:
     weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
     model_weight: float = 1.0
     missing_eos_penalty: float = 0.0
+    non_finite: str = "error"
+    """A non-finite or missing reward: ``error``, or ``drop`` the completion (and its group)
+    from the loss (``rewards.combine_rewards``)."""
+    time_limit: float | None = None
+    """Seconds per reward-function call (None: no limit)."""
 
 
 def _rollout_fn(algo: OnPolicyAlgorithm, models: Models, sampling: SamplingConfig):
@@ -164,8 +169,10 @@ def _forward_fn(algo: OnPolicyAlgorithm, models: Models, temperature: float):
 
 
 def _reward(ro: Rollout, host, rm, rewards: Rewards):
-    """The scalar reward ``[B]`` and its metrics."""
-    total = jnp.zeros(ro.truncated.shape, jnp.float32) if host is None else host
+    """The scalar reward ``[B]`` and its metrics (a NaN host reward, ``non_finite="drop"``,
+    counts 0 here; the update leaves that completion out of the loss)."""
+    total = jnp.zeros(ro.truncated.shape, jnp.float32) if host is None else jnp.where(
+        jnp.isfinite(host), host, 0.0)
     metrics = {}
     if rm is not None:
         total = total + rewards.model_weight * rm
@@ -175,7 +182,7 @@ def _reward(ro: Rollout, host, rm, rewards: Rewards):
 
 
 def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimizer,
-               temperature: float):
+               temperature: float, group_size: int):
     """``update(state, rollout, host rewards | None, reward-model scores | None) -> (state,
     metrics)``."""
     forward = _forward_fn(algo, models, temperature)
@@ -200,9 +207,13 @@ def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimi
         if ro.ref_logp is not None:
             seq_kl = jnp.sum(jnp.where(ro.mask, kl_k1(ro.old_logp, ro.ref_logp), 0.0), -1)
             metrics["kl"] = jnp.mean(seq_kl)
+        ok = jnp.ones(reward.shape, bool)
+        if host is not None:  # non_finite="drop": those completions, and their groups, leave
+            ok = jnp.repeat(jnp.all(jnp.isfinite(host).reshape(-1, group_size), 1), group_size)
+            metrics["rewards_dropped_frac"] = 1.0 - jnp.mean(ok.astype(jnp.float32))
+            ro = ro._replace(mask=ro.mask & ok[:, None])  # out of GAE and whitening too
         ro, adv_metrics = algo.advantages(ro, state.algo)
-        if ro.live is None:
-            ro = ro._replace(live=jnp.ones(reward.shape, bool))
+        ro = ro._replace(live=ok if ro.live is None else ro.live & ok)
         # the scan gathers only what a loss reads: the sampler's log-probs already sit in
         # old_logp when the policy is not scored again, and rewards are in the advantages
         params, opt_state, bad, up = minibatch_updates(
@@ -245,7 +256,8 @@ class OnPolicyEngine:
         self.tokenizer, self.rows = tokenizer, rows or []
         self.columns = [k for k in (self.rows[0] if self.rows else {}) if k != "prompt"]
         self._rollout = _rollout_fn(algo, models, sampling)
-        self._update = _update_fn(algo, models, rewards, optimizer, sampling.temperature or 1.0)
+        self._update = _update_fn(algo, models, rewards, optimizer, sampling.temperature or 1.0,
+                                  sampling.n)
         self.rollout_jit = self.update_jit = None
 
     def _param_shardings(self, params) -> dict | None:
@@ -295,18 +307,20 @@ class OnPolicyEngine:
     def host_rewards(self, ro: Rollout, index) -> tuple[Any, dict]:
         """The reward functions' weighted sum ``[B]`` (placed like the rows) and their means;
         ``(None, {})`` without reward functions (nothing leaves the device)."""
-        fns = self.rewards.functions
+        fns, rw = self.rewards.functions, self.rewards
         if not fns:
             return None, {}
         texts = decode_completions(self.tokenizer, *fetch((ro.completion, ro.mask)))
         rep = np.repeat(np.asarray(index), self.sampling.n)
         cols = {c: [self.rows[i].get(c) for i in rep] for c in self.columns}
-        scores = call_reward_fns(fns, [self.rows[i]["prompt"] for i in rep], texts, cols)
-        total = sum((self.rewards.weights.get(k, 1.0) * s for k, s in scores.items()),
-                    np.zeros(len(texts), np.float32))
+        prompts = [self.rows[i]["prompt"] for i in rep]
+        scores = call_reward_fns(fns, prompts, texts, cols, time_limit=rw.time_limit)
+        total = combine_rewards(scores, rw.weights, prompts, non_finite=rw.non_finite,
+                                has_model=self.models.reward is not None)
         # reward functions run on every process; process 0's values are the ones trained on
         total = from_main(np.asarray(total, np.float32))
-        means = {f"rewards/{k}": float(s.mean()) for k, s in scores.items()}
+        means = {f"rewards/{k}": v for k, v in nan_means(scores).items()}
+        means["reward_timeouts"] = float(sum(scores.timeouts.values()))
         return self._place(total, self._rows), means
 
     def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:

@@ -16,7 +16,7 @@ from rlhf_jax.data import Tokenizer, decode_completions
 from rlhf_jax.models import Model, score_completions
 from rlhf_jax.ops.kl import kl_k1
 from rlhf_jax.parallel import fetch
-from rlhf_jax.rewards import RewardFn, call_reward_fns
+from rlhf_jax.rewards import RewardFn, call_reward_fns, nan_means
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.types import PromptBatch
 
@@ -28,8 +28,9 @@ class RolloutEval:
     def __init__(self, *, policy: Model, reference: Model, ref_params, tokenizer: Tokenizer,
                  prompts: PromptBatch, rows: list[dict], sampling: SamplingConfig,
                  reward_fns: Mapping[str, RewardFn], device_rewards: Callable | None = None,
-                 seed: int = 0):
+                 seed: int = 0, time_limit: float | None = None):
         self.tokenizer, self.rows, self.prompts = tokenizer, rows, prompts
+        self.time_limit = time_limit
         self.reward_fns, self.device_rewards = dict(reward_fns), device_rewards
         self.key = jax.random.PRNGKey(seed + 7919)
         self._sample = make_sampler(policy, sampling)
@@ -54,12 +55,13 @@ class RolloutEval:
     def __call__(self, params) -> dict[str, float]:
         prompts, texts, out = self.samples(params)
         columns = {k: [r.get(k) for r in self.rows] for k in self.rows[0] if k != "prompt"}
-        scores = call_reward_fns(self.reward_fns, prompts, texts, columns)
+        scores = nan_means(call_reward_fns(self.reward_fns, prompts, texts, columns,
+                                           time_limit=self.time_limit))
         args = (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
         if self.device_rewards is not None:
-            scores["reward_model"] = fetch(self.device_rewards(*args))
+            scores["reward_model"] = float(np.mean(fetch(self.device_rewards(*args))))
         kl = fetch(self._kl(params, self._ref, *args))
-        row = {f"rewards/{k}": float(np.mean(v)) for k, v in scores.items()}
+        row = {f"rewards/{k}": v for k, v in scores.items()}
         row |= {"kl": float(kl.mean()),
                 "response_length": float(fetch(out.mask).sum(-1).mean()),
                 "truncated_frac": float(fetch(out.truncated).mean())}

@@ -637,6 +637,22 @@ def test_orpo_loss_property_edges_and_bad_hyperparameters():
         orpo_loss(*ORPO_HAND, lam=-0.1)
 
 
+@pytest.mark.parametrize("logp", [-1e-3, -1e-5, -1e-7, 0.0])
+def test_orpo_loss_numpy_near_certain_log_odds(logp):
+    # Issue 15 item 9.6: the mean log-prob used to be clamped at -1e-6, which shifted the
+    # log-odds of near-certain responses by up to ln 10 (13.8155 instead of 16.1181 at -1e-7).
+    # float64 reference: a - log(-expm1(a)); a = 0 is clamped to -tiny (log-odds 87.3365).
+    pc = np.array([logp], np.float32)
+    pr = np.array([-1.0], np.float32)
+    one = np.ones(1, np.float32)
+    a = min(-float(np.finfo(np.float32).tiny), np.float64(pc[0]))
+    want = (a - np.log(-np.expm1(a))) - (-1.0 - np.log(-np.expm1(-1.0)))
+    m = _m(orpo_loss(pc, pr, one, one, lam=0.5))
+    _allclose(m["log_odds_ratio"], want, rtol=1e-5, atol=0.0)
+    g = jax.grad(lambda x: orpo_loss(x, pr, one, one, lam=0.5)[0])(jnp.asarray(pc))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_orpo_loss_grad_check(seed):
     _check_grads("orpo", seed)
@@ -661,10 +677,11 @@ def test_orpo_loss_grad_average_logp_zero_and_very_negative():
     val = f(pc, pr)
     assert_all_finite(val, "loss")
     assert_all_finite(jax.grad(f, argnums=(0, 1))(pc, pr), "gradient")
-    # Pair 1: lo ~ -1e4 - 13.8 (the clamped log odds of p = 1), L_OR ~ 1e4 + 13.8; pairs 0 and 3
-    # tie (lo = 0, L_OR = log 2); pair 2 has lo ~ +1e4 (L_OR ~ 0); nll = (0, 1e4, 0, 1e4).
-    _allclose(val, 2e4 + 0.5 * (2 * math.log(2) + 1e4 + 13.8155), rtol=1e-5)
-    # tiny negative averages (just below the clamp) too
+    # Pair 1: lo ~ -1e4 - 87.3365 (the log odds of p = 1, clamped at -tiny: -log(tiny)),
+    # L_OR ~ 1e4 + 87.3365; pairs 0 and 3 tie (lo = 0, L_OR = log 2); pair 2 has lo ~ +1e4
+    # (L_OR ~ 0); nll = (0, 1e4, 0, 1e4).
+    _allclose(val, 2e4 + 0.5 * (2 * math.log(2) + 1e4 + 87.3365), rtol=1e-5)
+    # tiny negative averages (near-certain responses) too
     assert_all_finite(jax.grad(f, argnums=(0, 1))(jnp.full(4, -1e-9), jnp.full(4, -1e-3)))
     _check_extremes("orpo")
 

@@ -462,7 +462,7 @@ def test_value_loss_hand():
     _allclose(out[0], 1.125 + 0.32 + 0.5)  # 1.945
     assert float(out[1]) == 3.0
     m = _m(out[2])
-    _allclose(m["value_clip_frac"], 1 / 3)
+    _allclose(m["value_clip_frac"], 2 / 3)  # |V - V_old| = 0.5, 0.9, 0.0: clip active on two
     _allclose(m["values"], 2.4 / 3)
     _allclose(m["returns"], 2 / 3)
     # R = (0, 1, 1), R - V_old = (-1, 1, 1): Var R = 2/3 - 4/9 = 2/9, Var e = 1 - 1/9 = 8/9
@@ -499,7 +499,7 @@ def test_value_loss_numpy(mode, clip):
             vc = float(v_old[i, j]) + min(max(float(v[i, j]) - float(v_old[i, j]), -clip), clip)
             c = (vc - float(ret[i, j])) ** 2
             per[i, j] = 0.5 * max(a, c)
-            n_clip += bool(mask[i, j]) and c > a
+            n_clip += bool(mask[i, j]) and abs(float(v[i, j]) - float(v_old[i, j])) > clip
     total, count = np_aggregate(per, mask, mode, max_tokens=8)
     _allclose(out[0], total)
     assert float(out[1]) == count
@@ -539,6 +539,20 @@ def test_value_loss_property_clipped_dominates_and_mask(x, mask, junk):
     assert_trees_close(_m(out[2]), _m(clipped[2]), rtol=1e-5, atol=1e-5)
     g = jax.grad(lambda a: value_loss(a, *dirty[1:], mask, clip_eps=0.2)[0])(dirty[0])
     assert_all_finite(g, "gradient")
+
+
+def test_value_loss_numpy_clip_frac_no_ulp_noise():
+    # Issue 15 item 9.1: unclipped tokens (|V - V_old| <= eps) used to count as clipped when
+    # V_old + (V - V_old) != V in float32 (~1% of a random batch). float64 reference: the
+    # fraction with |V - V_old| > eps.
+    r = rng(915)
+    v_old = r.normal(0, 3, (64, 64)).astype(np.float32)
+    v = (v_old + r.uniform(-0.3, 0.3, (64, 64))).astype(np.float32)
+    ret = r.normal(0, 3, (64, 64)).astype(np.float32)
+    mask = np.ones((64, 64), np.float32)
+    m = _m(value_loss(v, v_old, ret, mask, clip_eps=0.2)[2])
+    want = np.mean(np.abs(v.astype(np.float64) - v_old.astype(np.float64)) > 0.2)
+    _allclose(m["value_clip_frac"], want, atol=1e-6)  # old code: off by ~1e-2
 
 
 def test_value_loss_property_empty_mask():

@@ -105,7 +105,7 @@ def np_reinforce_pp(r, m, gamma):
     ret = np_returns(r, m, gamma, np.zeros(r.shape[0]))
     vals = [ret[b, t] for b in range(r.shape[0]) for t in range(r.shape[1]) if m[b, t]]
     mean = sum(vals) / len(vals)
-    var = sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)
+    var = sum((x - mean) ** 2 for x in vals) / len(vals)  # population variance (OpenRLHF)
     return np.where(np.asarray(m) > 0, (ret - mean) / np.sqrt(var + 1e-8), 0.0)
 
 
@@ -495,11 +495,12 @@ def test_rloo_advantages_grad():
 def test_reinforce_pp_advantages_hand():
     # Rows r = [0, 1, 2] (full) and [5, x, x] (one token), gamma 1:
     # returns [3, 3, 2] and [5]; mean 13/4 = 3.25; deviations [-0.25, -0.25, -1.25, 1.75];
-    # squares sum 4.75; unbiased var 4.75/3 = 1.583333, std 1.258306 ->
-    # [-0.198680, -0.198680, -0.993399, 1.390759]
+    # squares sum 4.75; population var (ddof=0, as OpenRLHF) 4.75/4 = 1.1875, std 1.089725 ->
+    # [-0.229416, -0.229416, -1.147079, 1.605910] (the Bessel-corrected std gave
+    # [-0.198680, -0.198680, -0.993399, 1.390759])
     out = reinforce_pp_advantages(jnp.array([[0.0, 1.0, 2.0], [5.0, 8.0, 9.0]]),
                                   jnp.array([[1, 1, 1], [1, 0, 0]]))
-    _close(out, [[-0.198680, -0.198680, -0.993399], [1.390759, 0.0, 0.0]])
+    _close(out, [[-0.229416, -0.229416, -1.147079], [1.605910, 0.0, 0.0]])
 
 
 def test_reinforce_pp_advantages_numpy():
@@ -520,7 +521,7 @@ def test_reinforce_pp_advantages_property_whitened(mask, r, junk):
         _close(valid.mean(), 0.0, atol=1e-4)
     g = np_returns(r, mask, 1.0, np.zeros(B))[mask > 0]
     if valid.size >= 2 and g.std() > 1e-2:
-        _close(valid.std(ddof=1), 1.0, rtol=1e-3)
+        _close(valid.std(ddof=0), 1.0, rtol=1e-3)
 
 
 @given(mask=mask_strategy(B, T), r=float_array_strategy((B, T)),

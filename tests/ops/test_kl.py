@@ -227,6 +227,25 @@ def test_kl_k1_property_both_minus_inf_is_zero(est):
     assert_all_finite(g, "gradient")
 
 
+@pytest.mark.parametrize("est", ESTIMATORS, ids=lambda f: f.__name__)
+def test_kl_k1_property_nan_propagates_unless_masked(est):
+    # Issue 15 item 9.5: a NaN log-ratio used to become 0 silently. Unmasked it must come out
+    # as NaN (the trainer's non-finite guard then skips the step); masked it gives 0 with finite
+    # values and gradients (double where), and the other positions are untouched (float64 ref).
+    logp = jnp.array([-1.0, float("nan"), -0.5])
+    ref = jnp.array([-2.0, -1.0, -0.25])
+    assert np.isnan(np.asarray(est(logp, ref))[1])
+    mask = jnp.array([1.0, 0.0, 1.0])
+    lr = np.array([-1.0, 0.0, 0.25])  # float64 log r, 0 where masked
+    want = {kl_k1: -lr, kl_k2: 0.5 * lr**2, kl_k3: np.expm1(lr) - lr,
+            kl_k3_straight_through: np.expm1(lr) - lr}[est]
+    f = lambda a, b: jnp.sum(jnp.where(mask > 0, est(a, b, mask=mask), 0.0))  # noqa: E731
+    val, grads = jax.value_and_grad(f, argnums=(0, 1))(logp, ref)
+    assert_all_finite((val, grads), f"{est.__name__} with a masked NaN")
+    _close(est(logp, ref, mask=mask), want, rtol=1e-6, atol=1e-7)
+    assert float(grads[0][1]) == 0.0 and float(grads[1][1]) == 0.0
+
+
 # ------------------------------------------------------------------- per-token estimators: grad
 def _grad_inputs(seed=7):
     r = rng(seed)

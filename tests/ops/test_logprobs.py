@@ -241,6 +241,37 @@ def test_chunked_token_logprobs_property_large_logits_stay_finite():
     _close(out, ref, rtol=1e-5, atol=1e-2)
 
 
+def _large_logits(seed=915, b=2, t=5, d=4, v=37):
+    """Logits near 1000 that ``hidden @ unembed`` reproduces exactly in float32: one-hot hidden
+    rows pick a row of ``unembed = 1000 + N(0, 1)``."""
+    r = rng(seed)
+    h = np.eye(d, dtype=np.float32)[r.integers(0, d, size=(b, t))]  # [B, T, D] one-hot
+    w = (1000.0 + r.normal(size=(d, v))).astype(np.float32)
+    y = r.integers(0, v, size=(b, t)).astype(np.int32)
+    return h, w, y, np.einsum("btd,dv->btv", h.astype(np.float64), w.astype(np.float64))
+
+
+def test_token_logprobs_numpy_large_logits_full_precision():
+    # Issue 15 item 9.3: at logits near 1000 the old forms rounded m + log s to the float32 spacing
+    # of 1000 (6e-5) before subtracting; the float64 reference is the loop on the same logits.
+    h, w, y, z = _large_logits()
+    _close(token_logprobs(jnp.asarray(z, jnp.float32), y), np_token_logprobs(z, y),
+           rtol=1e-6, atol=0.0)
+    _close(entropy_from_logits(jnp.asarray(z, jnp.float32)), np_entropy(z), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("chunk_t,chunk_v", [(2, 5), (5, 37), (1, 1)])
+def test_chunked_logprobs_and_entropy_numpy_large_logits_full_precision(chunk_t, chunk_v):
+    # Same for the online statistics: E[z - m] is accumulated instead of E[z] (old: entropy off
+    # by ~1e-4 here, 3e-5 relative; log-probs 3e-6 relative; now both ~6e-8).
+    h, w, y, z = _large_logits()
+    lp, ent = chunked_logprobs_and_entropy(h, w, y, chunk_t=chunk_t, chunk_v=chunk_v)
+    _close(lp, np_token_logprobs(z, y), rtol=1e-6, atol=0.0)
+    _close(ent, np_entropy(z), rtol=1e-6, atol=0.0)
+    _close(chunked_entropy(h, w, chunk_t=chunk_t, chunk_v=chunk_v), np_entropy(z),
+           rtol=1e-6, atol=0.0)
+
+
 # -------------------------------------------------------------------------- chunked forms: grad
 def _grads(f, h, w):
     g = jnp.asarray(rng(9).normal(size=h.shape[:2]), jnp.float32)  # a random cotangent

@@ -28,6 +28,10 @@ def test_best_of_n_config_checks():
     with pytest.raises(ValueError, match="group_size must be >= 1"):
         best_of_n.BestOfNConfig(data=DataConfig(train="x"), tokenizer="y", policy=ModelSpec(),
                                 rewards=RewardConfig(model=ModelSpec()), group_size=0)
+    with pytest.raises(ValueError, match="temperature=0 draws the same completion 4 times"):
+        best_of_n.BestOfNConfig(data=DataConfig(train="x"), policy=ModelSpec(),
+                                rewards=RewardConfig(model=ModelSpec()), group_size=4,
+                                sampling=GenerationConfig(temperature=0.0))
 
 
 def test_best_of_n_run(world, monkeypatch):

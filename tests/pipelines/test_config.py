@@ -109,6 +109,10 @@ def test_grpo_algorithm_checks():
         grpo.GRPOConfig(**onpolicy_kw(data=DataConfig(train="x", batch_size=3),
                                       algorithm=grpo.GRPOAlgorithmConfig(group_size=4,
                                                                          num_minibatches=5)))
+    # greedy groups are identical: every advantage 0, a run that trains nothing
+    with pytest.raises(ValueError, match=r"sampling.temperature=0 samples every completion of "
+                                         r"a group alike"):
+        grpo.GRPOConfig(**onpolicy_kw(sampling=GenerationConfig(temperature=0.0)))
 
 
 def test_ppo_needs_a_reward_model():

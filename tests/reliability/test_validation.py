@@ -454,12 +454,22 @@ def test_prompt_plus_completion_that_fits_reaches_the_sampler(tmp_path, tok_dir,
                                policy=fits, rewards=RewardConfig(model=fits)))
 
 
-def test_run_dir_is_only_config_json_after_a_data_error(tmp_path, tok_dir, no_build):
-    data = _write(tmp_path / "train.jsonl", [b"{"])
+def test_a_data_error_writes_nothing_and_its_advice_can_be_followed(tmp_path, tok_dir):
+    """The error says "raise max_length or pass on_overflow=..."; doing so in the same
+    output_dir is not refused as "a different config" (nothing was written by the failed start,
+    and a directory without a checkpoint has nothing to resume)."""
+    good = GOOD["prompt_completion"]
+    data = _write(tmp_path / "train.jsonl", [good] * 3 + [good | {"completion": LONG}])
     out = tmp_path / "run"
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="on_overflow='truncate' or 'skip'"):
         _run("sft", _cfg("sft", data, tok_dir, str(out)))
-    assert sorted(os.listdir(out)) == ["config.json"]
+    assert not out.exists()
+    out.mkdir()
+    (out / "config.json").write_text('{"kind": "SFTConfig", "data": {}}')  # an older start's
+    result = _run("sft", _cfg("sft", data, tok_dir, str(out), on_overflow="skip"))
+    assert result["complete"]
+    with pytest.raises(ValueError, match="holds a run with a different config"):
+        _run("sft", _cfg("sft", data, tok_dir, str(out), on_overflow="truncate"))
 
 
 # ----------------------------------------------------------------------------- optimizer vs run

@@ -195,6 +195,48 @@ def test_sigterm_saves_current_step_and_resumes(straight, tmp_path):
     _assert_same_run(run_dir, state, data, straight)
 
 
+class _CtrlCSource(ArraySource):
+    """Ctrl-C while step 2 runs (``times`` SIGINTs)."""
+
+    def __init__(self, times: int):
+        super().__init__()
+        self.times = times
+
+    def next(self):
+        if self.handed == 2:
+            for _ in range(self.times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().next()
+
+
+def test_ctrl_c_saves_like_sigterm_and_the_resume_is_announced(straight, tmp_path, capsys):
+    run_dir = str(tmp_path)
+    previous = signal.getsignal(signal.SIGINT)
+    state, _ = train_loop(cfg(N), run_dir=run_dir, state=fresh_state(), step_fn=STEP,
+                          data=_CtrlCSource(1), eval_fn=eval_fn)
+    assert signal.getsignal(signal.SIGINT) == previous  # handler restored
+    assert int(state.step) == 3
+    err = capsys.readouterr().err
+    assert "SIGINT: saved step 3; stopping (run the same command again to resume)" in err
+    data = ArraySource()
+    state, _ = train_loop(cfg(N), run_dir=run_dir, state=fresh_state(), step_fn=STEP, data=data,
+                          eval_fn=eval_fn)
+    assert f"resuming {run_dir} from step 3 of {N}" in capsys.readouterr().err
+    _assert_same_run(run_dir, state, data, straight)
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    run_dir = str(tmp_path)
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
+        train_loop(cfg(N, save_every=2), run_dir=run_dir, state=fresh_state(), step_fn=STEP,
+                   data=_CtrlCSource(2), eval_fn=eval_fn)
+    assert signal.getsignal(signal.SIGINT) == previous
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    assert ckpt.all_steps() == [2]  # the last periodic save; nothing written for the abort
+    ckpt.close()
+
+
 def test_non_finite_stops_after_max_consecutive_skips(tmp_path):
     run_dir = str(tmp_path)
     data = ArraySource(bad_from=3)  # batches 3, 4, ... have a NaN target

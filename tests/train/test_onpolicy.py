@@ -9,6 +9,7 @@ applied, so gradients are compared directly instead of through parameter differe
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -171,7 +172,8 @@ def test_reward_is_weighted_functions_plus_model_minus_eos_penalty():
     np.testing.assert_allclose(host, 0.5 * f_tokens + f_answer, rtol=1e-6)
     np.testing.assert_allclose(total, want, rtol=1e-6, atol=1e-6)
     assert means == pytest.approx({"rewards/n_tokens": f_tokens.mean(),
-                                   "rewards/answer_x_len": f_answer.mean()}, rel=1e-6)
+                                   "rewards/answer_x_len": f_answer.mean(),
+                                   "reward_timeouts": 0.0}, rel=1e-6)
     assert metrics["reward"] == pytest.approx(want.mean(), rel=1e-6)
     assert metrics["reward_std"] == pytest.approx(want.std(), rel=1e-5)
     assert metrics["rewards/reward_model"] == pytest.approx(rm.mean(), rel=1e-6)
@@ -192,6 +194,38 @@ def test_reward_functions_need_tokenizer_and_rows():
         OnPolicyEngine(algorithm(True), Models(policy=model), sampling=SAMPLING,
                        optimizer=optax.sgd(0.1),
                        rewards=Rewards(functions={"f": lambda prompts, completions: [0.0]}))
+
+
+def _nan_engine(non_finite: str) -> OnPolicyEngine:
+    """Two samples per prompt; a reward function whose second completion's reward is NaN."""
+    def flaky(prompts, completions, **columns):
+        return [float("nan") if i == 1 else float(len(c)) for i, c in enumerate(completions)]
+
+    model, _ = tiny()
+    rows = [{"prompt": str(i)} for i in range(N)]
+    return OnPolicyEngine(algorithm(True), Models(policy=model),
+                          sampling=dataclasses.replace(SAMPLING, n=2),
+                          optimizer=optax.sgd(0.1), tokenizer=_Tok(), rows=rows,
+                          rewards=Rewards(functions={"flaky": flaky}, non_finite=non_finite))
+
+
+def test_a_non_finite_reward_stops_the_step_naming_the_function():
+    eng = _nan_engine("error")
+    state = eng.init({"policy": tiny()[1]}, {}, seed=0, algo_state=FLAGS)
+    with pytest.raises(ValueError, match=r"reward function 'flaky' returned a non-finite "
+                                         r"reward for completion 1"):
+        eng.step(state, prompts())
+
+
+def test_dropped_rewards_leave_their_group_out_of_the_loss_and_are_counted():
+    eng = _nan_engine("drop")
+    state = eng.init({"policy": tiny()[1]}, {}, seed=0, algo_state=FLAGS)
+    state, metrics = eng.step(state, prompts())
+    metrics = jax.device_get(metrics)
+    assert float(metrics["rewards_dropped_frac"]) == pytest.approx(2 / 8)  # prompt 0's group
+    assert float(metrics["kept_frac"]) == pytest.approx(6 / 8)
+    assert float(metrics["update_skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
 # --- the algorithm's checks -----------------------------------------------------------------
