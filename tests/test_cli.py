@@ -75,11 +75,11 @@ def test_usage_and_unknown_stage(capsys):
 
 def test_installed_command_and_module_show_field_docs():
     """``rlhf-jax`` (the console script ``pip install -e .`` wrote), ``python -m rlhf_jax`` and
-    ``python -m rlhf_jax.pipelines.STAGE``."""
+    ``python -m rlhf_jax.pipelines.STAGE`` (``python -m rlhf_jax`` runs the same ``main``)."""
     exe = pathlib.Path(sys.executable).with_name("rlhf-jax")
     assert exe.is_file(), "pip install -e . did not install the rlhf-jax command"
-    for cmd in ([str(exe), "grpo", "--help"], [sys.executable, "-m", "rlhf_jax", "sft", "--help"],
-                [sys.executable, "-m", "rlhf_jax.pipelines.dpo", "--help"]):
+    for cmd in ([str(exe), "grpo", "--help"], [sys.executable, "-m", "rlhf_jax.pipelines.dpo",
+                                                "--help"]):
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                               env=os.environ | {"COLUMNS": "200"})
         assert proc.returncode == 0, proc.stderr
@@ -104,19 +104,15 @@ COMMON = ("optimizer:\n  warmup_steps: 0\n  learning_rate: 0.001\n"
           "logging:\n  progress: false\n  console: false\n  tensorboard: false\nmesh: null\n")
 
 
-def test_standard_formats_run_from_the_command_line(chat_world, tmp_path):
-    """SFT on language-modelling text and DPO on standard implicit-prompt preferences (every
-    stage on conversational data: tests/test_readme.py runs the README's commands)."""
-    w = chat_world
+def test_a_standard_format_runs_from_the_command_line(chat_world, tmp_path):
+    """DPO on standard implicit-prompt preferences (plain strings; every stage on
+    conversational data: tests/test_readme.py runs the README's commands; SFT on text:
+    tests/pipelines/test_data_report.py)."""
     small = "  max_length: 64\n  max_prompt_length: 32\n  batch_size: 4\n"
-    sft_cfg = _yaml(tmp_path / "sft.yaml", f"data:\n  train: {w['text']}\n{small}"
-                    f"model:\n  path: {w['ckpt']}\n" + COMMON)
-    first = _run("sft", ["--config", sft_cfg, "--output-dir", str(tmp_path / "sft")])
-    dpo_cfg = _yaml(tmp_path / "dpo.yaml", f"data:\n  train: {w['preference_implicit']}\n"
-                    f"{small}policy:\n  path: {first['model_dir']}\n" + COMMON)
-    second = _run("dpo", ["--config", dpo_cfg, "--output-dir", str(tmp_path / "dpo")])
-    for result in (first, second):
-        assert result["complete"] and result["steps"] == 2
+    cfg = _yaml(tmp_path / "dpo.yaml", f"data:\n  train: {chat_world['preference_implicit']}\n"
+                f"{small}policy:\n  path: {chat_world['ckpt']}\n" + COMMON)
+    result = _run("dpo", ["--config", cfg, "--output-dir", str(tmp_path / "dpo")])
+    assert result["complete"] and result["steps"] == 2
 
 
 def test_a_config_error_names_the_fields_and_exits_2(chat_world, tmp_path, capsys):

@@ -305,17 +305,17 @@ def test_injection_payloads_through_the_grpo_reward_path(tmp_path):
     start = time.monotonic()
     scores = call_reward_fns(fns, ["q"] * len(texts), texts, {"answer": ["40"] * len(texts)})
     assert time.monotonic() - start < 2.0  # bounded, not merely cut off by the time limit
-    assert dict(zip(payloads, scores["exact_match"].tolist())) == {k: 0.0 for k in payloads}
+    assert dict(zip(payloads, scores.values["exact_match"].tolist())) == {k: 0.0 for k in payloads}
     # A payload in the dataset's answer column is not run either.
     scores = call_reward_fns(fns, ["q"] * len(texts), ["40"] * len(texts), {"answer": texts})
-    assert scores["exact_match"].tolist() == [0.0] * len(texts)
+    assert scores.values["exact_match"].tolist() == [0.0] * len(texts)
     for text in texts:
         assert parse_expression(text) is None
     assert not marker.exists()
     # Later, ordinary answers are still scored.
     scores = call_reward_fns(fns, ["q"] * 4, ["40", "Answer: 40", "= 80/2", "41"],
                              {"answer": ["40"] * 4})
-    assert scores["exact_match"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert scores.values["exact_match"].tolist() == [1.0, 1.0, 1.0, 0.0]
     assert not marker.exists()
 
 
