@@ -23,9 +23,9 @@ from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConf
 from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch, row_length
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
-                                      load_tokenizer, make_mesh,
+                                      make_mesh,
                                       model_shardings)
-from rlhf_jax.pipelines.supervised import run_supervised
+from rlhf_jax.pipelines.supervised import run_supervised, supervised_inputs
 from rlhf_jax.train.supervised import SupervisedTask
 
 
@@ -86,13 +86,9 @@ def run(cfg: DistillConfig) -> dict:
     own = cfg.student.path is not None or cfg.tokenizer is not None
     field, spec, others = (("student", cfg.student, {"teacher": cfg.teacher}) if own
                            else ("teacher", cfg.teacher, {}))
-    tokenizer = load_tokenizer(cfg.tokenizer, field, spec, others=others,
-                               chat_template=cfg.data.chat_template)
+    tokenizer, train, evals, report = supervised_inputs(cfg, load_sft_batch, field, spec,
+                                                        others=others)
     generation = base_generation(cfg.student)
-    report: dict = {}  # rows per file, and those skipped or truncated
-    train = load_sft_batch(cfg.data.train, cfg.data, tokenizer, report=report)
-    evals = (load_sft_batch(cfg.data.eval, cfg.data, tokenizer, report=report)
-             if cfg.data.eval else None)
     # Every data and config check before the models are built or anything compiled.
     data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed)
     batches = fixed_batches(evals, cfg.data.batch_size) if evals is not None else None

@@ -26,9 +26,9 @@ from rlhf_jax.pipelines.config import (ModelSpec, OptimizerConfig, SupervisedCon
 from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs, row_length
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
-                                      load_tokenizer, make_mesh,
+                                      make_mesh,
                                       model_shardings, place)
-from rlhf_jax.pipelines.supervised import run_supervised
+from rlhf_jax.pipelines.supervised import run_supervised, supervised_inputs
 from rlhf_jax.train.supervised import SupervisedTask
 
 LOSSES = {**DPO_LOSSES, **REFERENCE_FREE_LOSSES}
@@ -138,14 +138,9 @@ def make_dpo_loss(model, algorithm: DPOAlgorithmConfig):
 
 def run(cfg: DPOConfig) -> dict:
     """Train the policy on preferences; returns final metrics and paths."""
-    tokenizer = load_tokenizer(cfg.tokenizer, "policy", cfg.policy,
-                               others={"reference": cfg.reference},
-                               chat_template=cfg.data.chat_template)
+    tokenizer, train, evals, report = supervised_inputs(
+        cfg, load_pairs, "policy", cfg.policy, others={"reference": cfg.reference})
     generation = base_generation(cfg.policy)
-    report: dict = {}  # rows per file, and those skipped or truncated
-    train = load_pairs(cfg.data.train, cfg.data, tokenizer, report=report)
-    evals = (load_pairs(cfg.data.eval, cfg.data, tokenizer, report=report)
-             if cfg.data.eval else None)
     b = cfg.data.batch_size
     # Size checks before the models are built or anything compiled (the reference log-probs
     # travel with the data, so the iterator itself is built after them).

@@ -24,8 +24,8 @@ from rlhf_jax.pipelines.config import (ModelSpec, OptimizerConfig, SupervisedCon
 from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs, row_length
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
-                                      load_tokenizer, make_mesh)
-from rlhf_jax.pipelines.supervised import run_supervised
+                                      make_mesh)
+from rlhf_jax.pipelines.supervised import run_supervised, supervised_inputs
 from rlhf_jax.train.supervised import SupervisedTask
 from rlhf_jax.types import PreferenceBatch
 
@@ -87,13 +87,8 @@ def _with_std(out: dict) -> dict:
 
 def run(cfg: RewardModelConfig) -> dict:
     """Train and export the reward model; returns final train/eval metrics and paths."""
-    tokenizer = load_tokenizer(cfg.tokenizer, "model", cfg.model,
-                               chat_template=cfg.data.chat_template)
+    tokenizer, train, evals, report = supervised_inputs(cfg, load_pairs, "model", cfg.model)
     generation = base_generation(cfg.model)
-    report: dict = {}  # rows per file, and those skipped or truncated
-    train = load_pairs(cfg.data.train, cfg.data, tokenizer, report=report)
-    evals = (load_pairs(cfg.data.eval, cfg.data, tokenizer, report=report)
-             if cfg.data.eval else None)
     # Every data and config check before the model is built or anything compiled.
     data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed)
     batches = fixed_batches(evals, cfg.data.batch_size) if evals is not None else None

@@ -20,8 +20,8 @@ from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConf
 from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch, row_length
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
-                                      load_tokenizer, make_mesh)
-from rlhf_jax.pipelines.supervised import run_supervised
+                                      make_mesh)
+from rlhf_jax.pipelines.supervised import run_supervised, supervised_inputs
 from rlhf_jax.train.supervised import SupervisedTask
 
 
@@ -46,13 +46,8 @@ class SFTConfig(SupervisedConfig):
 
 def run(cfg: SFTConfig) -> dict:
     """Train, evaluate, checkpoint and export; returns the final metrics and paths."""
-    tokenizer = load_tokenizer(cfg.tokenizer, "model", cfg.model,
-                               chat_template=cfg.data.chat_template)
+    tokenizer, train, evals, report = supervised_inputs(cfg, load_sft_batch, "model", cfg.model)
     generation = base_generation(cfg.model)
-    report: dict = {}  # rows per file, and those skipped or truncated
-    train = load_sft_batch(cfg.data.train, cfg.data, tokenizer, report=report)
-    evals = (load_sft_batch(cfg.data.eval, cfg.data, tokenizer, report=report)
-             if cfg.data.eval else None)
     # Every data and config check before the model is built or anything compiled.
     data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed)
     eval_batches = fixed_batches(evals, cfg.data.batch_size) if evals is not None else None

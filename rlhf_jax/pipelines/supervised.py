@@ -8,8 +8,22 @@ from typing import Any, Mapping
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.pipelines.config import SupervisedConfig
 from rlhf_jax.pipelines.run_dir import config_dict, finish_run
-from rlhf_jax.pipelines.setup import model_shardings
+from rlhf_jax.pipelines.setup import load_tokenizer, model_shardings
 from rlhf_jax.train.supervised import SupervisedTask, fit
+
+
+def supervised_inputs(cfg: SupervisedConfig, loader, field: str, spec, *,
+                      others: Mapping[str, Any] | None = None):
+    """``(tokenizer, train, eval or None, data report)``: the tokenizer (the ``field`` model's
+    own unless given, checked against ``others``' checkpoints) and both data files loaded with
+    ``loader`` (``datasets.load_sft_batch`` or ``load_pairs``), before anything is written."""
+    tokenizer = load_tokenizer(cfg.tokenizer, field, spec, others=others,
+                               chat_template=cfg.data.chat_template)
+    report: dict = {}  # rows per file, and those skipped or truncated
+    train = loader(cfg.data.train, cfg.data, tokenizer, report=report)
+    evals = (loader(cfg.data.eval, cfg.data, tokenizer, report=report) if cfg.data.eval
+             else None)
+    return tokenizer, train, evals, report
 
 
 def run_supervised(cfg: SupervisedConfig, task: SupervisedTask, *, run_dir: str, model,
