@@ -53,7 +53,7 @@ class ModelSpec:
 class DataConfig:
     """The stage's data: files in TRL's formats, examples per step, lengths and the bad-row
     policy. Defaults suit a real chat checkpoint; rows are padded only to the data's own
-    longest (``pipelines.datasets.bucket_length``), so short data stays cheap."""
+    longest (``pipelines.datasets.padded_length``), so short data stays cheap."""
 
     train: str
     """Training data: a JSONL or Parquet file or a ``save_to_disk`` directory in a TRL format

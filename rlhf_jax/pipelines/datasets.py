@@ -17,6 +17,7 @@ from rlhf_jax.data import (Dataset, Tokenizer, encode_preference, encode_prompts
                            prompt_batch)
 from rlhf_jax.data.encode import Encoded
 from rlhf_jax.pipelines.config import DataConfig
+from rlhf_jax.sampling import PAD_BUCKETS, bucket_length
 from rlhf_jax.types import PromptBatch, TokenBatch
 
 SFT_FORMATS = ("text", "prompt_completion", "messages")
@@ -50,11 +51,11 @@ def summarize_report(report: dict | None) -> str | None:
     return "\n".join(lines) or None
 
 
-def bucket_length(longest: int, limit: int) -> int:
-    """The padded length of a dataset whose longest row has ``longest`` tokens: the next power
-    of two (at least 16), capped at ``limit`` (the config's maximum). Short data then costs
-    short rows however generous the limit, and the few possible shapes keep compiles few."""
-    return min(limit, max(16, 1 << max(longest - 1, 0).bit_length()))
+def padded_length(longest: int, limit: int) -> int:
+    """The padded length of a dataset whose longest row has ``longest`` tokens: the sampler's
+    next bucket up (``sampling.PAD_BUCKETS``), capped at ``limit`` (the config's maximum).
+    Short data then costs short rows however generous the limit, and few shapes compile."""
+    return bucket_length(longest, [b for b in PAD_BUCKETS if b < limit] + [limit])
 
 
 def _load(path: str, data: DataConfig, tokenizer: Tokenizer, allowed: tuple[str, ...],
@@ -74,34 +75,34 @@ def _load(path: str, data: DataConfig, tokenizer: Tokenizer, allowed: tuple[str,
 def load_sft_batch(path: str, data: DataConfig, tokenizer: Tokenizer, *,
                    report: dict | None = None):
     """``text``, ``prompt_completion`` or ``messages`` data as a ``TokenBatch``: packed into rows
-    of ``data.max_length`` tokens when ``data.packing``, else padded to ``bucket_length``."""
+    of ``data.max_length`` tokens when ``data.packing``, else padded to ``padded_length``."""
     ds = _load(path, data, tokenizer, SFT_FORMATS, "SFT")
     enc = encode_sft(ds, tokenizer, max_length=data.max_length, on_overflow=data.on_overflow)
     report_rows(path, ds, enc, report)
     if data.packing:  # rows are filled up to max_length
         return pack_token_batch(enc.items, length=data.max_length, pad_id=tokenizer.pad_id)
-    length = bucket_length(max(len(ids) for ids, _ in enc.items), data.max_length)
+    length = padded_length(max(len(ids) for ids, _ in enc.items), data.max_length)
     return pad_token_batch(enc.items, length=length, pad_id=tokenizer.pad_id)
 
 
 def load_pairs(path: str, data: DataConfig, tokenizer: Tokenizer, *,
                report: dict | None = None):
     """Preference data (explicit or implicit prompt) as a ``PreferenceBatch``: prompts of at
-    most ``data.max_prompt_length`` tokens, each side padded to ``bucket_length`` (at most
+    most ``data.max_prompt_length`` tokens, each side padded to ``padded_length`` (at most
     ``data.max_length``)."""
     ds = _load(path, data, tokenizer, PAIR_FORMATS, "this stage")
     enc = encode_preference(ds, tokenizer, max_prompt_length=data.max_prompt_length,
                             max_length=data.max_length, on_overflow=data.on_overflow)
     report_rows(path, ds, enc, report)
     longest = max(len(p) + max(len(c), len(r)) for p, c, r in enc.items)
-    return preference_batch(enc.items, length=bucket_length(longest, data.max_length),
+    return preference_batch(enc.items, length=padded_length(longest, data.max_length),
                             pad_id=tokenizer.pad_id)
 
 
 def load_prompts(path: str, data: DataConfig, tokenizer: Tokenizer, *,
                  report: dict | None = None) -> tuple[PromptBatch, list[dict]]:
     """Prompts (of any format that has one; conversations rendered with the generation prompt)
-    as a left-padded ``PromptBatch`` (width ``bucket_length``, at most
+    as a left-padded ``PromptBatch`` (width ``padded_length``, at most
     ``data.max_prompt_length``), and their rows with
     ``"prompt"`` set to each prompt as given (a string or a conversation: what reward functions
     receive) and the other columns kept. A prompt longer than that is an error naming its line,
@@ -110,7 +111,7 @@ def load_prompts(path: str, data: DataConfig, tokenizer: Tokenizer, *,
     enc = encode_prompts(ds, tokenizer, max_prompt_length=data.max_prompt_length,
                          on_overflow=data.on_overflow)
     report_rows(path, ds, enc, report)
-    width = bucket_length(max(map(len, enc.items)), data.max_prompt_length)
+    width = padded_length(max(map(len, enc.items)), data.max_prompt_length)
     batch = prompt_batch(enc.items, length=width, pad_id=tokenizer.pad_id)
     rows = [ds.rows[i] | {"prompt": p} for i, p in zip(enc.kept, enc.prompts)]
     return batch, rows

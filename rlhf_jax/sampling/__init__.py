@@ -3,6 +3,7 @@
 from rlhf_jax.sampling.sampler import (
     SampleOutput,
     SamplingConfig,
+    PAD_BUCKETS,
     bucket_length,
     filter_logits,
     inverse_cdf_sample,
@@ -10,5 +11,5 @@ from rlhf_jax.sampling.sampler import (
     pad_prompts,
 )
 
-__all__ = ["SampleOutput", "SamplingConfig", "bucket_length", "filter_logits",
+__all__ = ["PAD_BUCKETS", "SampleOutput", "SamplingConfig", "bucket_length", "filter_logits",
            "inverse_cdf_sample", "make_sampler", "pad_prompts"]

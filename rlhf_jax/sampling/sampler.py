@@ -177,9 +177,12 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
 
 
+PAD_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+"""The lengths sequences are padded to (the next one up): few shapes, so few compiles."""
+
+
 def pad_prompts(
-    prompts: Sequence[Sequence[int]], *, pad_id: int,
-    buckets: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024, 2048),
+    prompts: Sequence[Sequence[int]], *, pad_id: int, buckets: Sequence[int] = PAD_BUCKETS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left-pad token lists to one bucket length; returns ``(tokens [B, P], mask [B, P])``."""
     if not prompts or any(len(x) == 0 for x in prompts):
