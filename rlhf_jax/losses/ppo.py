@@ -155,14 +155,10 @@ def value_loss(
         active = jnp.abs(v - v_old) > clip_eps
         metrics["value_clip_frac"] = mean_stat(active.astype(jnp.float32), m)
     total, count = aggregate_loss(per_tok, m, mode=aggregation, max_tokens=max_tokens)
-    resid = ret - v_old
-    f = m.astype(jnp.float32)
     metrics |= {
         "values": mean_stat(v, m),
         "returns": mean_stat(ret, m),
-        "explained_variance": ExplainedVariance(
-            f.sum(), (ret * f).sum(), (ret**2 * f).sum(), (resid * f).sum(), (resid**2 * f).sum()
-        ),
+        "explained_variance": ExplainedVariance.of(ret, v_old, m),
     }
     return total, count, metrics
 

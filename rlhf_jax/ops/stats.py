@@ -58,27 +58,50 @@ class Min(NamedTuple):
 
 
 class ExplainedVariance(NamedTuple):
-    """Sufficient statistics for ``1 - Var[y - y_hat] / Var[y]``; merges by addition.
+    """``1 - Var[y - y_hat] / Var[y]`` as mergeable moments, stable far from zero.
 
-    ``n`` tokens, sums of targets ``y`` and of their squares, sums of residuals ``e = y - y_hat``
-    and of their squares. ``compute`` returns 0 when ``Var[y]`` is 0 (nothing to explain).
+    Holds the token count ``n`` and, for the targets ``y`` and the residuals ``e = y - y_hat``,
+    the mean and ``M2`` (sum of squared deviations from the mean). Build one with ``of`` (a
+    two-pass mean/deviation within the chunk); ``merge`` combines chunks with Chan et al.'s
+    parallel update ``M2 = M2_a + M2_b + delta^2 n_a n_b / n`` (Chan, Golub & LeVeque 1979), so
+    neither side ever forms ``E[y^2] - E[y]^2``, which cancels catastrophically in float32
+    (returns of 1000 +- 1 gave 0.844 for 0.894). ``compute`` is ``1 - M2_e / M2_y``: 0 when
+    ``Var[y] = M2_y / n`` is 0 (nothing to explain) or nothing was counted.
     """
 
     n: jax.Array
-    sum_y: jax.Array
-    sum_y2: jax.Array
-    sum_e: jax.Array
-    sum_e2: jax.Array
+    mean_y: jax.Array
+    m2_y: jax.Array
+    mean_e: jax.Array
+    m2_e: jax.Array
+
+    @classmethod
+    def of(cls, y, y_hat, mask) -> "ExplainedVariance":
+        """Moments of ``y`` and ``y - y_hat`` over the ``mask``-ed entries (any equal shapes)."""
+        f = jnp.asarray(mask).astype(jnp.float32)
+        y = jnp.where(f > 0, jnp.asarray(y, jnp.float32), 0.0)
+        e = jnp.where(f > 0, y - jnp.asarray(y_hat, jnp.float32), 0.0)
+        n = f.sum()
+        safe_n = jnp.maximum(n, 1.0)
+        mean_y, mean_e = (y * f).sum() / safe_n, (e * f).sum() / safe_n
+        m2 = lambda x, mu: (jnp.square(x - mu) * f).sum()  # noqa: E731
+        return cls(n, mean_y, m2(y, mean_y), mean_e, m2(e, mean_e))
 
     def merge(self, other: "ExplainedVariance") -> "ExplainedVariance":
-        return ExplainedVariance(*(a + b for a, b in zip(self, other)))
+        n = self.n + other.n
+        w = other.n / jnp.maximum(n, 1.0)  # other's share; 0 when both are empty
+
+        def combine(mean_a, m2_a, mean_b, m2_b):
+            delta = mean_b - mean_a
+            return mean_a + delta * w, m2_a + m2_b + jnp.square(delta) * self.n * w
+
+        mean_y, m2_y = combine(self.mean_y, self.m2_y, other.mean_y, other.m2_y)
+        mean_e, m2_e = combine(self.mean_e, self.m2_e, other.mean_e, other.m2_e)
+        return ExplainedVariance(n, mean_y, m2_y, mean_e, m2_e)
 
     def compute(self) -> jax.Array:
-        n = jnp.maximum(self.n, 1.0)
-        var_y = self.sum_y2 / n - (self.sum_y / n) ** 2
-        var_e = self.sum_e2 / n - (self.sum_e / n) ** 2
-        ok = var_y > 1e-12
-        return jnp.where(ok, 1.0 - var_e / jnp.where(ok, var_y, 1.0), 0.0)
+        ok = self.m2_y / jnp.maximum(self.n, 1.0) > 1e-12
+        return jnp.where(ok, 1.0 - self.m2_e / jnp.where(ok, self.m2_y, 1.0), 0.0)
 
 
 Stat = Mean | Max | Min | ExplainedVariance

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax.ops.aggregation import safe_divide
-from rlhf_jax.ops.stats import Max, Min, compute_metrics, merge_metrics
+from rlhf_jax.ops.stats import Max, Mean, Min, compute_metrics, merge_metrics
 from rlhf_jax.parallel.placement import batch_sharding, put, replicated
 from rlhf_jax.train.state import TrainState, step_key
 
@@ -69,14 +69,18 @@ def accumulate(loss_fn: LossFn, params, batch, key, micro_batches: int):
 
 def merge_stacked_metrics(metrics: dict) -> dict:
     """Merge metric accumulators stacked along a leading axis (the output of a ``lax.scan`` over
-    minibatches) into one each: additive ones (``Mean``, ``ExplainedVariance``) sum, ``Max`` and
-    ``Min`` reduce. Computing after this gives exact whole-update figures, not a mean of means."""
+    minibatches) into one each: ``Mean`` sums, ``Max`` and ``Min`` reduce, and any other
+    accumulator (``ExplainedVariance``'s moments) folds its own ``merge`` over the axis in a
+    ``lax.scan``. Computing after this gives exact whole-update figures, not a mean of means."""
     def merge(acc):
+        if isinstance(acc, Mean):
+            return Mean(*(jnp.sum(f, axis=0) for f in acc))
         if isinstance(acc, Max):
             return Max(jnp.max(acc.value, axis=0))
         if isinstance(acc, Min):
             return Min(jnp.min(acc.value, axis=0))
-        return type(acc)(*(jnp.sum(f, axis=0) for f in acc))
+        first, rest = jax.tree.map(lambda x: x[0], acc), jax.tree.map(lambda x: x[1:], acc)
+        return jax.lax.scan(lambda a, b: (a.merge(b), None), first, rest)[0]
 
     return {k: merge(v) for k, v in metrics.items()}
 

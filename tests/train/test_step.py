@@ -379,3 +379,25 @@ def test_minibatch_updates_skips_non_finite_minibatches_and_counts_them():
     with pytest.raises(ValueError, match="not divisible by num_minibatches=3"):
         minibatch_updates(toy_loss, opt, p0, opt.init(p0), batch, jax.random.PRNGKey(0),
                           epochs=1, num_minibatches=3)
+
+
+def test_merge_stacked_metrics_folds_each_accumulator_exactly():
+    # Four minibatches' accumulators stacked on axis 0, as lax.scan returns them: Mean sums,
+    # Max/Min reduce, ExplainedVariance folds its own merge (moments, not sums of squares), so
+    # the result equals the accumulators of the whole data at a large offset.
+    from rlhf_jax.ops import ExplainedVariance, Max, Mean, Min, compute_metrics
+    from rlhf_jax.train.step import merge_stacked_metrics
+
+    r = np.random.default_rng(0)
+    y = (1000 + r.normal(size=(4, 16))).astype(np.float32)
+    yhat = (y + 0.5 * r.normal(size=(4, 16))).astype(np.float32)
+    m = r.random((4, 16)) > 0.2
+    stacked = jax.vmap(lambda a, b, c: {
+        "ev": ExplainedVariance.of(a, b, c), "mean": Mean(jnp.sum(a * c), jnp.sum(c)),
+        "max": Max(jnp.max(jnp.where(c, a, -jnp.inf))),
+        "min": Min(jnp.min(jnp.where(c, a, jnp.inf)))})(y, yhat, m)
+    got = compute_metrics(merge_stacked_metrics(stacked))
+    y64, e64 = y[m].astype(np.float64), (y - yhat)[m].astype(np.float64)
+    np.testing.assert_allclose(float(got["ev"]), 1 - e64.var() / y64.var(), rtol=1e-5)
+    np.testing.assert_allclose(float(got["mean"]), y64.mean(), rtol=1e-6)
+    assert float(got["max"]) == y[m].max() and float(got["min"]) == y[m].min()
