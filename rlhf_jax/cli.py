@@ -169,6 +169,7 @@ def run_stage(stage: str, args: list[str]) -> int:
     """Parse ``args`` for ``stage``, run it, and return the exit status."""
     from rlhf_jax.data import DataError
     from rlhf_jax.parallel import initialize_distributed
+    from rlhf_jax.train import CheckpointError
 
     module_name, cls_name = STAGES[stage]
     module = importlib.import_module(module_name)
@@ -178,7 +179,8 @@ def run_stage(stage: str, args: list[str]) -> int:
         cfg = parse(cls, args, prog=f"rlhf-jax {stage}", description=doc[0] if doc else None)
         initialize_distributed()
         result = module.run(cfg)
-    except (ConfigFileError, DataError, FileNotFoundError) as e:
+    except (ConfigFileError, DataError, CheckpointError, FileNotFoundError,
+            PermissionError) as e:
         print(f"rlhf-jax {stage}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except ValueError as e:  # config checks in __post_init__ and before anything compiles

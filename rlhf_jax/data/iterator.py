@@ -35,10 +35,14 @@ class BatchIterator:
       seed: non-negative int; the order of epoch ``e`` is ``default_rng([seed, e])``'s
         permutation (the identity with ``shuffle=False``).
 
+      unit: what one of the ``N`` rows is, for messages ("packed rows of 512 tokens (from 300
+        examples)" when a stage packed its examples).
+
     ``next()`` returns the same pytree structure with leaves ``[B, ...]``.
     """
 
-    def __init__(self, data: Any, *, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, data: Any, *, batch_size: int, seed: int, shuffle: bool = True,
+                 unit: str = "examples"):
         leaves, self._treedef = jax.tree_util.tree_flatten(data)
         if not leaves:
             raise ValueError("BatchIterator needs at least one array in data")
@@ -52,7 +56,7 @@ class BatchIterator:
         if type(batch_size) is not int or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if self._n < batch_size:
-            raise ValueError(f"the dataset has {self._n} examples, fewer than batch_size="
+            raise ValueError(f"the dataset has {self._n} {unit}, fewer than batch_size="
                              f"{batch_size}: not even one full batch")
         if not _is_count(seed):
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")

@@ -123,7 +123,8 @@ def run(cfg: BestOfNConfig, *, eval_rewards: Mapping[str, RewardFn] | None = Non
     check_sequence_fits({"policy": policy.config, "reward": rm.config},
                         prompt_width=prompts.tokens.shape[1],
                         max_new_tokens=s.max_new_tokens)
-    run_dir = prepare_run_dir(cfg, cfg.output_dir, ignore=())  # after every check
+    # after every check; nothing to checkpoint
+    run_dir = prepare_run_dir(cfg, cfg.output_dir, ignore=(), checkpoints=False)
     sample = make_sampler(policy, SamplingConfig(
         max_new_tokens=s.max_new_tokens, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
         temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, n=n))

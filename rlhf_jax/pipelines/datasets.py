@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -42,6 +43,16 @@ def report_rows(path: str, ds: Dataset, enc: Encoded, report: dict | None = None
     if report is not None:
         report[path] = counts
     return counts
+
+
+def row_unit(data: DataConfig, report: Mapping[str, dict]) -> str:
+    """What a row of the train data is, for ``BatchIterator``'s messages: examples, or with
+    ``data.packing`` "packed rows of L tokens (from N examples)"."""
+    if not data.packing:
+        return "examples"
+    counts = report.get(data.train, {})
+    used = counts.get("rows", 0) - counts.get("invalid", 0) - counts.get("too_long", 0)
+    return f"packed rows of {data.max_length} tokens (from {used} examples)"
 
 
 def summarize_report(report: dict | None) -> str | None:

@@ -20,7 +20,7 @@ from rlhf_jax.losses import DISTILL_LOSSES
 from rlhf_jax.models import token_batch_logits
 from rlhf_jax.ops import AGGREGATIONS
 from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConfig
-from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch, row_length
+from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch, row_length, row_unit
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
                                       make_mesh,
@@ -90,7 +90,8 @@ def run(cfg: DistillConfig) -> dict:
                                                         others=others)
     generation = base_generation(cfg.student)
     # Every data and config check before the models are built or anything compiled.
-    data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed)
+    data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed,
+                         unit=row_unit(cfg.data, report))
     batches = fixed_batches(evals, cfg.data.batch_size) if evals is not None else None
     mesh = make_mesh(cfg.mesh, cfg.data.batch_size)
     v = tokenizer.vocab_size

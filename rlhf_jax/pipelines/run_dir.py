@@ -17,6 +17,7 @@ from rlhf_jax.data.tokenizer import generation_config
 from rlhf_jax.fileio import atomic_write_json, check_inside
 from rlhf_jax.models import ModelConfig, save_hf_checkpoint
 from rlhf_jax.pipelines.datasets import summarize_report
+from rlhf_jax.train.checkpoint import check_writable
 from rlhf_jax.train.plots import plot_run
 
 NOT_IDENTITY = ("loop", "mesh", "logging")
@@ -47,8 +48,11 @@ def _has_checkpoint(output_dir: str) -> bool:
     return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
 
 
-def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = NOT_IDENTITY) -> str:
-    """Create ``output_dir`` and write ``config.json``; refuse to resume under another config.
+def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = NOT_IDENTITY,
+                    checkpoints: bool = True) -> str:
+    """Create ``output_dir`` and write ``config.json``; refuse to resume under another config,
+    or (``checkpoints``) a ``checkpoints/`` folder that cannot be written, before anything is
+    compiled.
 
     A restarted run (same directory) must use the same config except for the blocks in
     ``ignore``, once it has saved a checkpoint; a run that never saved one (it stopped on an
@@ -56,6 +60,8 @@ def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = NOT_IDENTIT
     writes the file.
     """
     os.makedirs(output_dir, exist_ok=True)
+    if checkpoints:
+        check_writable(os.path.join(output_dir, "checkpoints"))
     path = os.path.join(output_dir, "config.json")
     check_inside(output_dir, path, "config.json")
     new = {"kind": type(cfg).__name__} | config_dict(cfg)

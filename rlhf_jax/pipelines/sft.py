@@ -17,7 +17,7 @@ from rlhf_jax.losses import sft_loss
 from rlhf_jax.models import token_batch_logprobs
 from rlhf_jax.ops import AGGREGATIONS
 from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConfig
-from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch, row_length
+from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch, row_length, row_unit
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
                                       make_mesh)
@@ -49,7 +49,8 @@ def run(cfg: SFTConfig) -> dict:
     tokenizer, train, evals, report = supervised_inputs(cfg, load_sft_batch, "model", cfg.model)
     generation = base_generation(cfg.model)
     # Every data and config check before the model is built or anything compiled.
-    data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed)
+    data = BatchIterator(train, batch_size=cfg.data.batch_size, seed=cfg.seed,
+                         unit=row_unit(cfg.data, report))
     eval_batches = fixed_batches(evals, cfg.data.batch_size) if evals is not None else None
     mesh = make_mesh(cfg.mesh, cfg.data.batch_size)
     model, params = load_model(cfg.model, heads=("lm",), vocab_size=tokenizer.vocab_size,

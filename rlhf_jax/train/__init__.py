@@ -1,6 +1,6 @@
 """The only stateful package: train state, optimizer, jitted step, loop, checkpoints, sinks."""
 
-from rlhf_jax.train.checkpoint import Checkpointer
+from rlhf_jax.train.checkpoint import CheckpointError, Checkpointer
 from rlhf_jax.train.loop import LoopConfig, NonFiniteError, train_loop
 from rlhf_jax.train.onpolicy import (Forward, Models, OnPolicyAlgorithm, OnPolicyEngine,
                                      Rewards)
@@ -20,7 +20,7 @@ __all__ = [
     "make_train_step", "make_eval_step", "accumulate", "guarded_update",
     "merge_stacked_metrics", "minibatch_updates",
     "LoopConfig", "LoggingConfig", "train_loop", "NonFiniteError",
-    "Checkpointer", "JsonlSink", "TensorBoardSink", "read_jsonl_metrics",
+    "Checkpointer", "CheckpointError", "JsonlSink", "TensorBoardSink", "read_jsonl_metrics",
     "SupervisedTask", "fit", "evaluate",
     "Forward", "Models", "OnPolicyAlgorithm", "OnPolicyEngine", "Rewards", "RolloutEval",
 ]

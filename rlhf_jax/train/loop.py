@@ -35,7 +35,7 @@ import numpy as np
 
 from rlhf_jax.fileio import atomic_write
 from rlhf_jax.parallel import is_main_process
-from rlhf_jax.train.checkpoint import Checkpointer
+from rlhf_jax.train.checkpoint import CheckpointError, Checkpointer
 from rlhf_jax.train.sinks import JsonlSink, LoggingConfig, open_trackers
 
 
@@ -63,6 +63,10 @@ class LoopConfig:
     """Stop after this many consecutive steps whose gradient was non-finite."""
     eval_at_start: bool = True
     """Evaluate the initial state too (step 0, fresh runs only): the baseline of every curve."""
+    resume_from: str | None = None
+    """``STEP``: resume from that saved step (newer ones move to ``checkpoints.superseded/``);
+    ``PATH``: start from another run's checkpoint (a run dir, its ``checkpoints/`` or one step
+    in it) while this run has none of its own; None: the newest readable step."""
 
     def __post_init__(self):
         if self.total_steps < 1 or self.log_every < 1:
@@ -71,6 +75,10 @@ class LoopConfig:
             raise ValueError("eval_every/save_every must be >= 0 and keep_checkpoints >= 1")
         if self.max_consecutive_skips < 1:
             raise ValueError("max_consecutive_skips must be >= 1")
+        r = self.resume_from
+        if r is not None and not r.isdigit() and not os.path.isdir(r):
+            raise ValueError(f"loop.resume_from={r!r} is neither a step number nor a directory "
+                             f"(give STEP, a run directory, its checkpoints/ or a step in it)")
 
 
 class NonFiniteError(RuntimeError):
@@ -172,14 +180,14 @@ class _Run:
         """Restore the latest checkpoint (if any) into ``state`` and ``data``, truncate what
         was logged after it, open the sinks, catch SIGTERM and SIGINT; returns the state to
         train. A resume is said on stderr (``resuming RUN_DIR from step N of M``)."""
-        restored = self.ckpt.restore(None, state)
+        restored, source = self._restore(state)
         if restored is not None:
             state, meta = restored
             self.data.restore(meta["data"])
         self.start = int(jax.device_get(state.step))
-        if restored is not None and self.main:
-            print(f"resuming {self.run_dir} from step {self.start} of {self.cfg.total_steps}",
-                  file=sys.stderr)
+        if restored is not None:
+            self.say(f"resuming {self.run_dir} from step {self.start} of {self.cfg.total_steps}"
+                     + (f" (the checkpoint in {source})" if source else ""))
         if self.main:
             join = functools.partial(os.path.join, self.run_dir)
             self.trackers = open_trackers(self.logging, self.run_dir, hparams=hparams,
@@ -194,15 +202,49 @@ class _Run:
                 signal.signal(sig, self._on_signal)
         return state
 
+    def say(self, line: str) -> None:
+        """One line on stderr, from process 0."""
+        if self.main:
+            print(line, file=sys.stderr)
+
+    def _restore(self, state):
+        """``((state, meta) or None, source)`` per ``LoopConfig.resume_from``; ``source`` names
+        another run's checkpoint when one was used."""
+        frm, ckpt = self.cfg.resume_from, self.ckpt
+        if frm is not None and frm.isdigit():
+            step = int(frm)
+            if step not in ckpt.all_steps():
+                raise CheckpointError(f"loop.resume_from={step}: {ckpt.directory} holds steps "
+                                      f"{sorted(ckpt.all_steps())}")
+            restored = ckpt.restore(step, state)
+            moved = ckpt.set_aside_after(step)
+            if moved:
+                self.say(f"loop.resume_from={step}: the newer steps {moved} moved to "
+                         f"{ckpt.directory}.superseded/")
+            return restored, None
+        if frm is None or ckpt.all_steps():
+            if frm is not None:
+                self.say(f"loop.resume_from={frm} not used: {self.run_dir} has checkpoints of "
+                         f"its own (latest step {ckpt.latest_step()})")
+            return ckpt.restore(None, state, say=self.say), None
+        directory, step = _checkpoint_location(frm)
+        source = Checkpointer(directory, read_only=True)
+        try:
+            restored = source.restore(step, state, say=self.say)
+        finally:
+            source.close()
+        if restored is None:
+            raise CheckpointError(f"loop.resume_from={frm}: no checkpoint in {directory}")
+        return restored, os.path.join(directory, str(int(restored[0].step)))
+
     def _on_signal(self, signum, _frame) -> None:
         """SIGTERM or a first Ctrl-C: save the current step and stop after it; a second Ctrl-C
         aborts at once (the last saved checkpoint stays the resume point)."""
         if signum == signal.SIGINT and self.stop_signal is not None:
             raise KeyboardInterrupt("second Ctrl-C: stopped without saving this step")
         self.stop_signal = signal.Signals(signum).name
-        if self.main:
-            print(f"{self.stop_signal}: saving at the end of this step, then stopping "
-                  f"(Ctrl-C again to abort at once)", file=sys.stderr)
+        self.say(f"{self.stop_signal}: saving at the end of this step, then stopping "
+                 f"(Ctrl-C again to abort at once)")
 
     def log(self, step: int, row: dict, split: str) -> None:
         self.history.append({"step": step, "split": split} | row)
@@ -246,9 +288,9 @@ class _Run:
         stopping = _any_process(self.stop_signal is not None)
         if (cfg.save_every and done % cfg.save_every == 0) or stopping:
             self.save(state, done)
-        if stopping and self.main:
-            print(f"{self.stop_signal or 'SIGTERM'}: saved step {done}; stopping (run the same "
-                  f"command again to resume)", file=sys.stderr)
+        if stopping:
+            self.say(f"{self.stop_signal or 'SIGTERM'}: saved step {done}; stopping (run the "
+                     f"same command again to resume)")
         return not stopping
 
     def close(self, ok: bool) -> None:
@@ -311,6 +353,18 @@ def train_loop(
     finally:
         run.close(ok)
     return state, run.history
+
+
+def _checkpoint_location(path: str) -> tuple[str, int | None]:
+    """``(checkpoints directory, step or None for its newest)`` for a run directory, its
+    ``checkpoints/`` folder or one step folder in it."""
+    path = os.path.abspath(path)
+    name = os.path.basename(path)
+    if name.isdigit():
+        return os.path.dirname(path), int(name)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    return path, None
 
 
 def _progress(logging: LoggingConfig, cfg: LoopConfig, start: int):

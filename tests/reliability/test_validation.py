@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 
 import jax
@@ -311,6 +312,18 @@ def test_dataset_smaller_than_batch_is_refused_before_any_build(stage, tmp_path,
     with pytest.raises(ValueError) as err:
         _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), batch_size=4))
     assert "the dataset has 1 examples, fewer than batch_size=4" in str(err.value)
+
+
+@pytest.mark.parametrize("stage", ["sft", "distill"])
+def test_packed_rows_are_not_called_examples(stage, tmp_path, tok_dir, no_build):
+    # Issue 15: "dataset has 41 examples" counted packed rows. 6 short examples pack into
+    # fewer rows of 64 tokens than the batch of 4; the message says both numbers.
+    data = _write(tmp_path / "train.jsonl", [GOOD[FMT[stage]]] * 6)
+    with pytest.raises(ValueError) as err:
+        _run(stage, _cfg(stage, data, tok_dir, str(tmp_path / "run"), batch_size=4,
+                         packing=True, max_length=64))
+    assert re.search(r"the dataset has \d packed rows of 64 tokens \(from 6 examples\), fewer "
+                     r"than batch_size=4", str(err.value)), str(err.value)
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward_model", "distill", "dpo", "ppo", "grpo"])
