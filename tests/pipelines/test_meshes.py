@@ -97,8 +97,9 @@ KEYS = ("loss", "grad_norm", "count", "nll", "rewards/accuracy", "kl", "policy/k
         "response_length", "reward", "rewards/length", "value_loss", "policy_loss")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+@pytest.mark.parametrize("shape", [  # 2x2x2 uses every axis: CI; the others with -m slow
+    pytest.param(s, id="x".join(map(str, s)), marks=() if s == (2, 2, 2) else pytest.mark.slow)
+    for s in SHAPES])
 @pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "distill", "ppo", "grpo"])
 def test_pipeline_on_mesh_equals_one_device(world, name, shape):
     assert jax.device_count() == 8  # tests/conftest.py

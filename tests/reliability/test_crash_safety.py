@@ -150,7 +150,6 @@ def chain(world, tmp_path_factory):
                 run_dir=spec["output_dir"], ckpt_dir=ckpt_dir, reference=reference)
 
 
-@pytest.mark.slow
 def test_sigkill_during_save_resumes_from_last_complete_step(chain):
     kills = chain["kills"]
     assert len(kills) == KILLS
@@ -173,7 +172,6 @@ def test_sigkill_during_save_resumes_from_last_complete_step(chain):
     assert survived_in_flight >= 1, kills
 
 
-@pytest.mark.slow
 def test_sigterm_saves_current_step_and_exits_cleanly(chain):
     term, last = chain["term"], chain["last"]
     assert chain["term_rc"] == 0, term.stderr()[-3000:]
@@ -188,7 +186,6 @@ def test_sigterm_saves_current_step_and_exits_cleanly(chain):
         last.stderr()[-3000:]
 
 
-@pytest.mark.slow
 def test_interrupted_run_equals_uninterrupted_bitwise(chain):
     ref = chain["reference"]
     # the batch ledger: every step once, in the same order (nothing repeated or skipped)

@@ -128,8 +128,9 @@ def _train_rows(run_dir: str) -> list[dict]:
             if r["split"] == "train"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["sft", "dpo", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", [  # SFT and PPO also in tests/pipelines: those with -m slow
+    pytest.param("sft", marks=pytest.mark.slow), "dpo", pytest.param("ppo", marks=pytest.mark.slow),
+    "grpo"])
 def test_resume_matrix(world, tmp_path, monkeypatch, stage):
     module, make, kwargs = _configs(world, str(tmp_path))[stage]
     straight = _run(module, make(str(tmp_path / "straight")), kwargs, monkeypatch)
