@@ -1,4 +1,5 @@
-"""Decoder-only transformer (Llama / Qwen2 / Mistral) as a params pytree plus pure functions."""
+"""Decoder-only transformer (Llama, Qwen2/3, Mistral, Phi-3, Gemma 2/3) as a params pytree plus
+pure functions."""
 
 from rlhf_jax.models.config import FAMILIES, HEADS, PRESETS, ModelConfig, RopeScaling, get_preset
 from rlhf_jax.models.transformer import (

@@ -1,23 +1,49 @@
-"""Model configuration for the Llama / Qwen2 / Mistral decoder family, and size presets.
+"""Model configuration for one decoder covering Llama, Qwen2/3, Mistral, Gemma 2/3 and Phi-3.
 
-One frozen dataclass covers the three families: they differ only in QKV bias (Qwen2), rotary
-scaling (Llama 3), sliding-window attention (Mistral) and embedding tying. Field names follow
-Hugging Face's ``config.json`` where one exists, so ``models.hf`` maps them one to one.
+One frozen dataclass covers the families; each is a setting of a few switches over the same
+pre-norm decoder (``models.layers``):
+
+========  ================================================================================
+llama     RMSNorm, RoPE (optionally Llama-3 scaled), GQA, SwiGLU
+qwen2     + q/k/v biases
+qwen3     + per-head RMSNorm on q and k before RoPE (``qk_norm``), ``head_dim`` free
+mistral   + one sliding window on every layer
+phi3      Llama's maths; the checkpoint fuses ``qkv_proj`` and ``gate_up_proj`` (``models.hf``)
+gemma2    ``(1 + w)`` RMSNorm in float32, norms before *and* after attention and MLP, embeddings
+          times ``sqrt(D)``, GeGLU (tanh GELU), ``query_pre_attn_scalar``, tanh soft-caps on
+          attention and final logits, alternating sliding / global layers
+gemma3    Gemma 2 with ``qk_norm`` instead of the attention cap, and a separate RoPE base
+          (``rope_local_theta``) for the sliding layers
+========  ================================================================================
+
+Field names follow Hugging Face's ``config.json`` where one exists, so ``models.hf`` maps them
+one to one. The family only chooses the Hugging Face architecture on export; which switches a
+family needs is checked there (``models._hf_config``), so any combination can be trained.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-FAMILIES = ("llama", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3")
+ACTIVATIONS = ("silu", "gelu_tanh")
+"""MLP gate activations: SiLU (SwiGLU) and tanh-approximated GELU (GeGLU, HF
+``gelu_pytorch_tanh``)."""
+LAYER_TYPES = ("full_attention", "sliding_attention")
+"""Per-layer attention kinds, spelled as Hugging Face's ``layer_types``."""
+ROPE_TYPES = ("llama3", "linear")
+"""``RopeScaling.rope_type`` values (HF ``rope_type``; plain RoPE is ``rope_scaling=None``)."""
 HEADS = ("lm", "value", "reward")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """Llama-3 style frequency-dependent rotary scaling (HF ``rope_type: llama3``)."""
+    """Rotary scaling: Llama-3 frequency-dependent (HF ``rope_type: llama3``) or linear position
+    interpolation (``linear``: every inverse frequency divided by ``factor``, Chen et al. 2023)."""
 
+    rope_type: str = "llama3"
+    """``llama3`` or ``linear`` (``ROPE_TYPES``); ``linear`` reads ``factor`` only."""
     factor: float = 8.0
     """How much longer the target context is than the original."""
     low_freq_factor: float = 1.0
@@ -28,13 +54,16 @@ class RopeScaling:
     """Context length the model was pre-trained with."""
 
     def __post_init__(self):
-        if self.factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(f"invalid llama3 rope scaling {self}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        if self.factor <= 0 or (self.rope_type == "llama3"
+                                and self.high_freq_factor <= self.low_freq_factor):
+            raise ValueError(f"invalid {self.rope_type} rope scaling {self}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Decoder-only transformer: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP."""
+    """Decoder-only transformer: RMSNorm, RoPE, grouped-query attention, gated MLP."""
 
     family: str = "llama"
     """One of ``FAMILIES``; chooses the Hugging Face architecture on export."""
@@ -55,7 +84,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """Rotary base frequency."""
     rope_scaling: RopeScaling | None = None
-    """Llama-3 rotary scaling, or None for plain RoPE."""
+    """Rotary scaling (of the global layers when ``rope_local_theta`` is set), or None."""
+    rope_local_theta: float | None = None
+    """Gemma 3: plain-RoPE base of the sliding layers (HF ``rope_local_base_freq``); None: every
+    layer uses ``rope_theta`` and ``rope_scaling``."""
     rms_norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     qkv_bias: bool = False
@@ -63,7 +95,27 @@ class ModelConfig:
     tie_embeddings: bool = False
     """Share the input embedding with the LM head."""
     sliding_window: int | None = None
-    """Mistral's attention window in tokens (None: full causal attention)."""
+    """Attention window in tokens of the sliding layers (None: full causal attention)."""
+    layer_types: tuple[str, ...] | None = None
+    """Per layer ``full_attention`` or ``sliding_attention`` (Gemma); None: every layer slides
+    when ``sliding_window`` is set (Mistral, Phi-3), none otherwise."""
+    qk_norm: bool = False
+    """Qwen3 / Gemma 3: RMSNorm over each head's q and k (own weights), before RoPE."""
+    norm_unit_offset: bool = False
+    """Gemma: RMSNorm scales by ``1 + w`` (weights start at 0) and multiplies in float32."""
+    sandwich_norms: bool = False
+    """Gemma 2/3: also normalise the attention and MLP outputs before the residual add."""
+    scale_embeddings: bool = False
+    """Gemma: multiply the embeddings by ``sqrt(hidden_size)`` (in the compute dtype)."""
+    mlp_activation: str = "silu"
+    """Gate activation of the MLP, one of ``ACTIVATIONS`` (Gemma: ``gelu_tanh``)."""
+    query_pre_attn_scalar: float | None = None
+    """Gemma: attention scores are scaled by ``query_pre_attn_scalar ** -0.5`` (None:
+    ``head_dim ** -0.5``)."""
+    attn_logit_softcap: float | None = None
+    """Gemma 2: attention scores become ``cap * tanh(scores / cap)`` before the mask."""
+    final_logit_softcap: float | None = None
+    """Gemma 2: next-token logits become ``cap * tanh(logits / cap)`` (float32)."""
     max_position_embeddings: int = 2048
     """Longest context the model supports (cache sizes are checked against it)."""
     param_dtype: str = "float32"
@@ -93,10 +145,44 @@ class ModelConfig:
                 raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError("sliding_window must be >= 1 or None")
+        self._check_layers()
+        if self.mlp_activation not in ACTIVATIONS:
+            raise ValueError(f"mlp_activation must be one of {ACTIVATIONS}, got "
+                             f"{self.mlp_activation!r}")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
+                     "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value!r}")
+
+    def _check_layers(self):
+        if self.layer_types is None:
+            return
+        if not isinstance(self.layer_types, tuple) or len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types must be a tuple of num_layers={self.num_layers} "
+                             f"entries, got {self.layer_types!r}")
+        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if bad:
+            raise ValueError(f"layer_types entries must be in {LAYER_TYPES}, got {bad}")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is "
+                             "None; give the window size")
 
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def mlp_kind(self) -> str:
+        """Key of ``layers.MLPS`` building each block's MLP (the slot a mixture of experts
+        plugs into)."""
+        return "dense"
+
+    def layer_is_sliding(self) -> tuple[bool, ...]:
+        """Per layer: does it attend through ``sliding_window`` (see ``layer_types``)."""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -107,13 +193,17 @@ class ModelConfig:
         attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
         if self.qkv_bias:
             attn += h * (self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f + 2 * d
+        per_layer = attn + 3 * d * f + 2 * d * (1 + self.sandwich_norms)
+        per_layer += 2 * h * self.qk_norm
         n = self.num_layers * per_layer + v * d + d
         if "lm" in self.heads and not self.tie_embeddings:
             n += v * d
         n += (d + 1) * ("value" in self.heads) + d * ("reward" in self.heads)  # reward: no bias
         return n
 
+
+_GEMMA = dict(norm_unit_offset=True, sandwich_norms=True, scale_embeddings=True,
+              mlp_activation="gelu_tanh", rms_norm_eps=1e-6, tie_embeddings=True)
 
 PRESETS: dict[str, ModelConfig] = {
     # ~1M parameters: unit tests and CPU smoke runs.
@@ -143,6 +233,31 @@ PRESETS: dict[str, ModelConfig] = {
         family="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
         num_layers=28, num_heads=12, num_kv_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
         qkv_bias=True, tie_embeddings=True, max_position_embeddings=32768),
+    # Qwen3-0.6B's architecture (0.6B parameters; q/k norms, head_dim 128 != 1024 / 16).
+    "qwen3-0.6b": ModelConfig(
+        family="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+        num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, qk_norm=True, tie_embeddings=True, max_position_embeddings=40960),
+    # Phi-3-mini-4k's architecture (3.8B parameters; its 2047-token window on every layer).
+    "phi-3-mini-4k": ModelConfig(
+        family="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+        num_layers=32, num_heads=32, num_kv_heads=32, rope_theta=10000.0, rms_norm_eps=1e-5,
+        sliding_window=2047, max_position_embeddings=4096),
+    # Gemma-2-2B's architecture (2.6B parameters): sliding / global layers alternate.
+    "gemma-2-2b": ModelConfig(
+        family="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+        num_layers=26, num_heads=8, num_kv_heads=4, head_dim=256, sliding_window=4096,
+        layer_types=("sliding_attention", "full_attention") * 13, query_pre_attn_scalar=256,
+        attn_logit_softcap=50.0, final_logit_softcap=30.0, max_position_embeddings=8192,
+        **_GEMMA),
+    # Gemma-3-1B's architecture (1.0B parameters): five sliding layers per global one.
+    "gemma-3-1b": ModelConfig(
+        family="gemma3", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+        num_layers=26, num_heads=4, num_kv_heads=1, head_dim=256, sliding_window=512,
+        layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                          for i in range(26)),
+        rope_theta=1000000.0, rope_local_theta=10000.0, query_pre_attn_scalar=256,
+        qk_norm=True, max_position_embeddings=32768, **_GEMMA),
 }
 
 

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint import and export (Llama, Qwen2, Mistral; safetensors only).
+"""Hugging Face checkpoint import and export (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2,
+Gemma 3 text; safetensors only).
 
 ``load_hf_checkpoint(dir)`` reads ``config.json`` and ``model.safetensors`` (or the shards named
 by ``model.safetensors.index.json``) and returns ``(ModelConfig, params)`` for
@@ -10,14 +11,17 @@ written by ``save_hf_checkpoint(..., generation_config=...)``, which also copies
 into ``config.json``.
 
 Layout: torch ``Linear`` weights are ``[out, in]`` and are transposed to our ``[in, out]``
-kernels; embeddings and norms are copied. ``*ForSequenceClassification`` with one label maps to
+kernels; embeddings and norms are copied. Phi-3's fused ``qkv_proj`` (rows q, k, v) and
+``gate_up_proj`` (rows gate, up) are split into our separate projections on import and
+concatenated back on export (exact both ways). ``*ForSequenceClassification`` with one label maps to
 ``heads=("reward",)`` through ``score.weight`` (``[1, D]``, no bias). The value head has no
 Hugging Face equivalent: it is stored next to the weights in ``value_head.safetensors``
 (``value_head.weight [1, D]``, ``value_head.bias [1]``, torch layout) and loaded when present.
 
 Checks: every expected tensor is present, every stored tensor is used (rotary ``inv_freq``
 buffers excepted), shapes match the config, and unsupported features (rope types other than
-``llama3``, Qwen2 sliding windows, Llama attention biases, ...) raise an error naming the field.
+``linear`` and ``llama3``, Qwen sliding windows, Llama attention biases, ...) raise an error
+naming the field. ``config.json`` mapping: ``models._hf_config``.
 Pickle-based weights are refused; see ``_hf_io`` for the path checks.
 """
 
@@ -25,184 +29,86 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models import _hf_io as io
-from rlhf_jax.models.config import DTYPES, HEADS, ModelConfig, RopeScaling
+from rlhf_jax.models._hf_config import ARCHITECTURES, GEMMA, config_from_hf, config_to_hf
+from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import abstract_params
 
-_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
-# Hugging Face architecture -> (family, head its checkpoint carries): one visible table.
-ARCHITECTURES = {f"{p}For{kind}": (fam, head) for fam, p in _PREFIX.items()
-                 for kind, head in (("CausalLM", "lm"), ("SequenceClassification", "reward"))}
+__all__ = ["ARCHITECTURES", "TOKEN_ID_KEYS", "config_from_hf", "config_to_hf",
+           "load_hf_checkpoint", "load_generation_config", "save_hf_checkpoint"]
+
 _HARMLESS = re.compile(r"^(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq$")
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 """The generation_config.json keys that are token ids (also copied into config.json)."""
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def _unsupported(field: str, value, why: str) -> ValueError:
-    return ValueError(f"config.json field {field!r} = {value!r} is not supported: {why}")
+class _Slot(NamedTuple):
+    """Where one of our params lives in the checkpoint: tensor ``name``, stored transposed
+    (torch ``Linear`` ``[out, in]``), and for a fused tensor (Phi-3's ``qkv_proj``,
+    ``gate_up_proj``) the ``rows`` ``(start, stop)`` of torch's output axis that are ours."""
+
+    name: str
+    transpose: bool
+    rows: tuple[int, int] | None = None
 
 
-def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
-    """Rotary base and scaling from either layout: ``rope_parameters`` (transformers >= 5) or
-    top-level ``rope_theta`` plus ``rope_scaling`` (earlier releases)."""
-    params = hf.get("rope_parameters")
-    field = "rope_parameters"
-    if not isinstance(params, dict):
-        params, field = hf.get("rope_scaling") or {}, "rope_scaling"
-    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-        raise _unsupported(field, params, "expected one flat object")
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _unsupported(f"{field}.partial_rotary_factor", params["partial_rotary_factor"],
-                           "only full rotary embeddings")
-    if kind in ("default", None):
-        return theta, None
-    if kind != "llama3":
-        raise _unsupported(f"{field}.rope_type", kind, "only 'default' and 'llama3' rope")
-    missing = [k for k in _LLAMA3_KEYS if k not in params]
-    if missing:
-        raise ValueError(f"config.json {field} (llama3) lacks {missing}")
-    return theta, RopeScaling(factor=float(params["factor"]),
-                              low_freq_factor=float(params["low_freq_factor"]),
-                              high_freq_factor=float(params["high_freq_factor"]),
-                              original_max_position_embeddings=int(
-                                  params["original_max_position_embeddings"]))
+def _layer_names(config: ModelConfig, i: int) -> dict[tuple, _Slot]:
+    """Block ``i``'s params; Phi-3 stores q/k/v and gate/up fused (``_Slot.rows``)."""
+    p, ours, m = f"model.layers.{i}.", ("layers", i), {}
+    k, f = config.dim_per_head, config.intermediate_size
+    sizes = {"q": config.num_heads * k, "k": config.num_kv_heads * k, "v": config.num_kv_heads * k}
+    start = 0
+    for n in ("q", "k", "v", "o"):
+        attn, hf = ours + ("attn", f"{n}_proj"), f"{p}self_attn.{n}_proj"
+        if config.family == "phi3" and n != "o":
+            m[attn + ("kernel",)] = _Slot(f"{p}self_attn.qkv_proj.weight", True,
+                                          (start, start + sizes[n]))
+            start += sizes[n]
+        else:
+            m[attn + ("kernel",)] = _Slot(f"{hf}.weight", True)
+        if config.qkv_bias and n != "o":
+            m[attn + ("bias",)] = _Slot(f"{hf}.bias", False)
+    for n in ("gate", "up", "down"):
+        path = ours + ("mlp", f"{n}_proj", "kernel")
+        if config.family == "phi3" and n != "down":
+            rows = (0, f) if n == "gate" else (f, 2 * f)
+            m[path] = _Slot(f"{p}mlp.gate_up_proj.weight", True, rows)
+        else:
+            m[path] = _Slot(f"{p}mlp.{n}_proj.weight", True)
+    gemma = config.family in GEMMA
+    norms = {"input_norm": "input_layernorm",
+             "post_attn_norm": "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"}
+    if config.sandwich_norms:
+        norms.update(attn_out_norm="post_attention_layernorm",
+                     mlp_out_norm="post_feedforward_layernorm")
+    for ours_name, hf_name in norms.items():
+        m[ours + (ours_name, "weight")] = _Slot(f"{p}{hf_name}.weight", False)
+    if config.qk_norm:
+        for n in ("q", "k"):
+            m[ours + ("attn", f"{n}_norm", "weight")] = _Slot(f"{p}self_attn.{n}_norm.weight",
+                                                              False)
+    return m
 
 
-def _sliding_window(hf: dict, family: str) -> int | None:
-    if family == "mistral":
-        return hf.get("sliding_window")
-    if family == "qwen2":
-        if hf.get("use_sliding_window"):
-            raise _unsupported("use_sliding_window", True, "Qwen2 per-layer sliding windows")
-        if "sliding_attention" in (hf.get("layer_types") or []):
-            raise _unsupported("layer_types", hf["layer_types"], "sliding-attention layers")
-    return None
-
-
-def _dtype_name(dtype, field: str) -> str:
-    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
-    if name not in DTYPES:
-        raise _unsupported(field, dtype, f"dtype must be one of {DTYPES}")
-    return name
-
-
-def config_from_hf(hf: dict, *, dtype=None, heads: tuple[str, ...] | None = None,
-                   has_value_head: bool = False) -> ModelConfig:
-    """Our ``ModelConfig`` for a Hugging Face ``config.json`` dict (see the module doc)."""
-    archs = hf.get("architectures")
-    known = [a for a in archs or [] if a in ARCHITECTURES]
-    if len(known) != 1:
-        raise _unsupported("architectures", archs, f"expected one of {sorted(ARCHITECTURES)}")
-    family, stored_head = ARCHITECTURES[known[0]]
-    if hf.get("model_type", family) != family:
-        raise _unsupported("model_type", hf["model_type"], f"{known[0]} needs {family!r}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise _unsupported("hidden_act", hf["hidden_act"], "the MLP is SwiGLU (silu)")
-    if hf.get("mlp_bias"):
-        raise _unsupported("mlp_bias", True, "MLP projections have no bias")
-    if family != "qwen2" and hf.get("attention_bias"):
-        raise _unsupported("attention_bias", True, "o_proj has no bias (use a Qwen2 checkpoint "
-                           "for q/k/v biases)")
-    if stored_head == "reward":
-        labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
-        if labels != 1:
-            raise _unsupported("id2label/num_labels", labels, "a reward model has one label")
-    if heads is None:  # canonical order, so an exported config reads back equal
-        heads = tuple(h for h in HEADS if h == stored_head or (h == "value" and has_value_head))
-    if not heads or len(set(heads)) != len(heads) or set(heads) - set(HEADS):
-        raise ValueError(f"heads must be distinct names from {HEADS}, got {heads}")
-    if "lm" in heads and stored_head != "lm":
-        raise ValueError(f"heads={heads} asks for 'lm' but {known[0]} has no LM head")
-    theta, scaling = _rope(hf)
-    name = _dtype_name(dtype if dtype is not None else hf.get("dtype") or hf.get("torch_dtype")
-                       or "float32", "dtype")
-    num_heads = hf["num_attention_heads"]
-    return ModelConfig(
-        family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=num_heads, num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-        head_dim=hf.get("head_dim"), rope_theta=theta, rope_scaling=scaling,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), qkv_bias=family == "qwen2",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=_sliding_window(hf, family),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        param_dtype=name, dtype=name, heads=tuple(heads))
-
-
-def config_to_hf(config: ModelConfig) -> dict:
-    """The ``config.json`` dict for ``config`` (both rope layouts, for old and new readers)."""
-    c = config
-    if "lm" in c.heads and "reward" in c.heads:
-        raise ValueError("heads with both 'lm' and 'reward' have no Hugging Face architecture")
-    if "lm" not in c.heads and "reward" not in c.heads:
-        raise ValueError("export needs an 'lm' or a 'reward' head")
-    if c.qkv_bias != (c.family == "qwen2"):
-        raise ValueError(f"family={c.family!r} with qkv_bias={c.qkv_bias} has no Hugging Face "
-                         "equivalent (Qwen2 always has q/k/v biases, Llama/Mistral never)")
-    if c.sliding_window is not None and c.family != "mistral":
-        raise ValueError(f"sliding_window is exported for family 'mistral' only, not {c.family!r}")
-    kind = "CausalLM" if "lm" in c.heads else "SequenceClassification"
-    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-    if c.rope_scaling is not None:
-        rope.update(rope_type="llama3", **{k: getattr(c.rope_scaling, k) for k in _LLAMA3_KEYS})
-    hf = {
-        "architectures": [f"{_PREFIX[c.family]}For{kind}"], "model_type": c.family,
-        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
-        "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
-        "max_position_embeddings": c.max_position_embeddings,
-        "tie_word_embeddings": c.tie_embeddings, "rope_parameters": rope,
-        "rope_theta": c.rope_theta,
-        "rope_scaling": None if c.rope_scaling is None else {k: v for k, v in rope.items()
-                                                             if k != "rope_theta"},
-        "dtype": c.param_dtype, "torch_dtype": c.param_dtype, "use_cache": True,
-    }
-    if c.head_dim is not None:
-        hf["head_dim"] = c.head_dim
-    if c.family == "qwen2":
-        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_layers)
-    else:
-        hf.update(attention_bias=False, mlp_bias=False)
-    if c.family == "mistral":
-        hf["sliding_window"] = c.sliding_window
-    if kind == "SequenceClassification":
-        hf.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    return hf
-
-
-def _names(config: ModelConfig) -> dict[tuple, tuple[str, bool]]:
-    """Our param path -> (Hugging Face tensor name, transposed?)."""
-    m = {("embed", "embedding"): ("model.embed_tokens.weight", False),
-         ("norm", "weight"): ("model.norm.weight", False)}
+def _names(config: ModelConfig) -> dict[tuple, _Slot]:
+    """Our param path -> its ``_Slot`` in the checkpoint."""
+    m = {("embed", "embedding"): _Slot("model.embed_tokens.weight", False),
+         ("norm", "weight"): _Slot("model.norm.weight", False)}
     for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        for n in ("q", "k", "v", "o"):
-            attn, hf = ("layers", i, "attn", f"{n}_proj"), f"{p}self_attn.{n}_proj"
-            m[attn + ("kernel",)] = (f"{hf}.weight", True)
-            if config.qkv_bias and n != "o":
-                m[attn + ("bias",)] = (f"{hf}.bias", False)
-        for n in ("gate", "up", "down"):
-            m[("layers", i, "mlp", f"{n}_proj", "kernel")] = (f"{p}mlp.{n}_proj.weight", True)
-        m[("layers", i, "input_norm", "weight")] = (f"{p}input_layernorm.weight", False)
-        m[("layers", i, "post_attn_norm", "weight")] = (f"{p}post_attention_layernorm.weight",
-                                                         False)
+        m.update(_layer_names(config, i))
     if "lm" in config.heads and not config.tie_embeddings:
-        m[("lm_head", "kernel")] = ("lm_head.weight", True)
+        m[("lm_head", "kernel")] = _Slot("lm_head.weight", True)
     if "reward" in config.heads:
-        m[("reward_head", "kernel")] = ("score.weight", True)
+        m[("reward_head", "kernel")] = _Slot("score.weight", True)
     if "value" in config.heads:
-        m[("value_head", "kernel")] = ("value_head.weight", True)
-        m[("value_head", "bias")] = ("value_head.bias", False)
+        m[("value_head", "kernel")] = _Slot("value_head.weight", True)
+        m[("value_head", "bias")] = _Slot("value_head.bias", False)
     return m
 
 
@@ -262,6 +168,41 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, dtype=None,
     if has_value and "value" in config.heads:
         tensors.update(io.read_tensors([io.child(root, io.VALUE_HEAD, "value head file")]))
     names, shapes = _table(config)
+    zero_init = _check_tensor_names(root, config, tensors, names, require)
+    target = jnp.dtype(config.param_dtype)
+    expected = _hf_shapes(names, shapes)
+    for name in {slot.name for slot in names.values()} - zero_init:
+        if tuple(tensors[name].shape) != expected[name]:
+            raise ValueError(f"tensor {name!r} has shape {list(tensors[name].shape)}, expected "
+                             f"{list(expected[name])} for this config")
+    flat = {}
+    for path, slot in names.items():
+        if slot.name in zero_init:
+            flat[path] = jnp.zeros(tuple(shapes[path].shape), target)
+            continue
+        value = tensors[slot.name]
+        value = value if slot.rows is None else value[slot.rows[0]:slot.rows[1]]
+        flat[path] = jnp.asarray((value.T if slot.transpose else value).astype(target))
+    return config, _nest(flat)
+
+
+def _hf_shapes(names: dict[tuple, _Slot], shapes: dict) -> dict[str, tuple[int, ...]]:
+    """Each checkpoint tensor's expected shape (torch layout); a fused one spans all its rows."""
+    out: dict[str, tuple[int, ...]] = {}
+    for path, slot in names.items():
+        want = tuple(shapes[path].shape)
+        hf = want[::-1] if slot.transpose else want
+        if slot.rows is not None:
+            hf = (max(out.get(slot.name, (0,))[0], slot.rows[1]),) + hf[1:]
+        out[slot.name] = hf
+    return out
+
+
+def _check_tensor_names(root, config: ModelConfig, tensors: dict, names: dict[tuple, _Slot],
+                        require: tuple[str, ...]) -> set[str]:
+    """Every expected tensor present, every stored one used; returns the head tensors that
+    start at zero (requested, not stored, not in ``require``)."""
+    wanted = {slot.name for slot in names.values()}
     skipped = {"lm_head.weight"} if "lm" not in config.heads else set()
     skipped |= {"score.weight"} if "reward" not in config.heads else set()
     if config.tie_embeddings and "lm_head.weight" in tensors and "lm" in config.heads:
@@ -269,9 +210,8 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, dtype=None,
             raise ValueError("tie_word_embeddings is true but lm_head.weight differs from "
                              "model.embed_tokens.weight")
         skipped.add("lm_head.weight")
-    zero_init = {n for n, _ in names.values()
-                 if n in ("score.weight", "value_head.weight", "value_head.bias")
-                 and n not in tensors}
+    zero_init = {n for n in wanted if n in ("score.weight", "value_head.weight",
+                                            "value_head.bias") and n not in tensors}
     absent = [h for h in require if _HEAD_TENSORS[h] in zero_init]
     if absent:
         arch = io.read_json(root, "config.json").get("architectures")
@@ -280,28 +220,14 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, dtype=None,
             f"({_HEAD_TENSORS[absent[0]]}): it would start at zero and score every completion "
             f"0. Give a trained reward model (e.g. the reward-model stage's model/, or a "
             f"*ForSequenceClassification checkpoint)")
-    missing = sorted(n for n, _ in names.values() if n not in tensors and n not in zero_init)
+    missing = sorted(n for n in wanted if n not in tensors and n not in zero_init)
     if missing:
         raise ValueError(f"checkpoint {str(root)!r} is missing tensors: {missing}")
-    used = {n for n, _ in names.values()} | skipped
-    unexpected = sorted(k for k in tensors if k not in used and not _HARMLESS.match(k))
+    unexpected = sorted(k for k in tensors
+                        if k not in wanted | skipped and not _HARMLESS.match(k))
     if unexpected:
         raise ValueError(f"checkpoint {str(root)!r} has unexpected tensors: {unexpected}")
-    target = jnp.dtype(config.param_dtype)
-    flat = {}
-    for path, (name, transpose) in names.items():
-        want = tuple(shapes[path].shape)
-        if name in zero_init:
-            flat[path] = jnp.zeros(want, target)
-            continue
-        value = tensors[name]
-        got = value.shape[::-1] if transpose else value.shape
-        if tuple(got) != want:
-            hf_want = want[::-1] if transpose else want
-            raise ValueError(f"tensor {name!r} has shape {list(value.shape)}, expected "
-                             f"{list(hf_want)} for this config")
-        flat[path] = jnp.asarray((value.T if transpose else value).astype(target))
-    return config, _nest(flat)
+    return zero_init
 
 
 def load_generation_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -370,12 +296,17 @@ def _export_tensors(config: ModelConfig, params: dict) -> tuple[dict, dict]:
     if extra or absent:
         raise ValueError(f"params do not match the config: missing {absent}, unexpected {extra}")
     target = jnp.dtype(config.param_dtype)
-    weights, value_head = {}, {}
-    for path, (name, transpose) in names.items():
+    parts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for path, slot in names.items():
         value = np.asarray(jax.device_get(flat[path]))
         if value.shape != tuple(shapes[path].shape):
             raise ValueError(f"param {path} has shape {value.shape}, expected "
                              f"{tuple(shapes[path].shape)}")
-        value = np.ascontiguousarray((value.T if transpose else value).astype(target))
-        (value_head if name.startswith("value_head.") else weights)[name] = value
+        value = (value.T if slot.transpose else value).astype(target)
+        parts.setdefault(slot.name, []).append((0 if slot.rows is None else slot.rows[0], value))
+    weights, value_head = {}, {}
+    for name, pieces in parts.items():  # fused tensors: the pieces in row order
+        value = np.concatenate([v for _, v in sorted(pieces, key=lambda x: x[0])], axis=0)
+        (value_head if name.startswith("value_head.") else weights)[name] = \
+            np.ascontiguousarray(value)
     return weights, value_head

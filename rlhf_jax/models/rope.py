@@ -1,4 +1,4 @@
-"""Rotary position embeddings (Su et al., 2021) with optional Llama-3 frequency scaling.
+"""Rotary position embeddings (Su et al., 2021) with optional Llama-3 or linear scaling.
 
 Uses the "rotate half" layout of the Hugging Face Llama implementation (the first and second
 halves of each head are the two coordinates of each rotated pair), so imported weights need no
@@ -17,14 +17,18 @@ from rlhf_jax.models.config import RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
-    """``theta^(-2i/d)`` for ``i < d/2``, rescaled per Llama 3 when ``scaling`` is given.
+    """``theta^(-2i/d)`` for ``i < d/2``, rescaled when ``scaling`` is given.
 
-    Llama 3: wavelengths above ``L / low_freq_factor`` are divided by ``factor``, those below
-    ``L / high_freq_factor`` are kept, and the band between is interpolated smoothly.
+    Linear (position interpolation, Chen et al. 2023; HF ``rope_type: linear``, Gemma 3's global
+    layers): every frequency is divided by ``factor``. Llama 3: wavelengths above
+    ``L / low_freq_factor`` are divided by ``factor``, those below ``L / high_freq_factor`` are
+    kept, and the band between is interpolated smoothly.
     """
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if scaling is None:
         return inv.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv / scaling.factor).astype(np.float32)
     old = scaling.original_max_position_embeddings
     low_wavelen = old / scaling.low_freq_factor
     high_wavelen = old / scaling.high_freq_factor

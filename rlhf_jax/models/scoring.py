@@ -4,7 +4,8 @@ values and sequence rewards.
 These are the functions every trainer shares, written once so that the numbers the sampler
 reports, the ones the trainer recomputes, and the reference model's are computed the same way.
 Log-probs and entropy use the chunked forms (``ops.chunked_token_logprobs``): the ``[B, T, V]``
-logits are never materialised, whatever the vocabulary.
+logits are never materialised, whatever the vocabulary. They get the model's final-logit
+soft-cap (Gemma 2), so they equal ``log_softmax(Model.logits(...))``.
 
 Rollout layout: ``prompt [B, P]`` is left-padded (``sampling.pad_prompts``), ``completion
 [B, C]`` is right-padded with ``completion_mask`` 1 up to and including the EOS. The model reads
@@ -43,7 +44,8 @@ def token_batch_logprobs(model: Model, params, batch: TokenBatch, *, temperature
     hidden = model.apply(params, batch.tokens, attention_mask=batch.attention_mask,
                          positions=batch.positions, segment_ids=batch.segment_ids).hidden
     lp = chunked_token_logprobs(hidden[:, :-1], model.unembedding(params), batch.tokens[:, 1:],
-                                temperature=temperature, chunk_t=chunk_t, chunk_v=chunk_v)
+                                temperature=temperature, chunk_t=chunk_t, chunk_v=chunk_v,
+                                softcap=model.config.final_logit_softcap)
     return jnp.pad(lp, ((0, 0), (1, 0)))
 
 
@@ -89,7 +91,8 @@ def score_completions(
     h = hidden[:, p - 1:p + c - 1]
     w = model.unembedding(params)
     m = completion_mask.astype(bool)
-    chunks = dict(temperature=temperature, chunk_t=chunk_t, chunk_v=chunk_v)
+    chunks = dict(temperature=temperature, chunk_t=chunk_t, chunk_v=chunk_v,
+                  softcap=model.config.final_logit_softcap)
     ent = None
     if entropy:  # both from one sweep over the vocabulary
         lp, ent = chunked_logprobs_and_entropy(h, w, completion, **chunks)

@@ -1,4 +1,5 @@
-"""Decoder-only transformer (Llama / Qwen2 / Mistral) in Flax NNX, exposed as pure functions.
+"""Decoder-only transformer (Llama, Qwen2/3, Mistral, Phi-3, Gemma 2/3) in Flax NNX, exposed as
+pure functions.
 
 The training code never holds a Flax module: ``init_model`` returns a ``Model`` (config plus the
 NNX graph definition, both static) and a params pytree (a nested dict of arrays), and every
@@ -7,7 +8,10 @@ params pytree passed to the same ``Model``.
 
 Attention is computed in float32 with a boolean mask built once per call from slot indices:
 causal (key slot <= query slot), key validity (padding and, with a cache, unwritten slots), equal
-segment ids (packed sequences) and Mistral's sliding window. The KV cache is a pytree
+segment ids (packed sequences) and, for the sliding layers, the window: one full and one sliding
+mask, and one RoPE table per layer kind (Gemma 3's local base), each layer picking its pair by
+``ModelConfig.layer_is_sliding()``, so per-layer attributes are data and one program is compiled
+per shape. The blocks live in ``models.layers``. The KV cache is a pytree
 (``KVCache``) updated with ``dynamic_update_slice`` so a jitted decode step with donated buffers
 updates it in place.
 """
@@ -23,8 +27,8 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.rope import apply_rope, inverse_frequencies
-from rlhf_jax.ops.logprobs import NEG_INF
+from rlhf_jax.models.layers import Block, RMSNorm, linear, softcap
+from rlhf_jax.models.rope import inverse_frequencies
 from rlhf_jax.ops.masks import last_token_index
 
 
@@ -42,123 +46,41 @@ class ModelOutput(NamedTuple):
     cache: KVCache | None
 
 
-def _dtype(name: str):
-    return jnp.dtype(name)
-
-
-class RMSNorm(nnx.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight`` with the statistics in float32."""
-
-    def __init__(self, dim: int, eps: float, param_dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
-        self.eps = eps
-
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
-
-
-class _Linear(nnx.Linear):
-    """``nnx.Linear`` on the ``[N, D]`` flattening of its ``[..., D]`` input. Same parameters
-    and numbers; XLA:CPU runs the backward's 2-D matmuls ~15% faster than the batched ones
-    (``benchmarks/README.md``), at no cost elsewhere (the reshapes are free bitcasts)."""
-
-    def __call__(self, x, **kwargs):
-        lead = x.shape[:-1]
-        return super().__call__(x.reshape(-1, x.shape[-1]), **kwargs).reshape(*lead, -1)
-
-
-def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs, bias: bool = False) -> nnx.Linear:
-    return _Linear(d_in, d_out, use_bias=bias, dtype=_dtype(cfg.dtype),
-                      param_dtype=_dtype(cfg.param_dtype),
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
-
-
-class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, k = cfg.hidden_size, cfg.dim_per_head
-        self.q_proj = _linear(cfg, d, cfg.num_heads * k, rngs, cfg.qkv_bias)
-        self.k_proj = _linear(cfg, d, cfg.num_kv_heads * k, rngs, cfg.qkv_bias)
-        self.v_proj = _linear(cfg, d, cfg.num_kv_heads * k, rngs, cfg.qkv_bias)
-        self.o_proj = _linear(cfg, cfg.num_heads * k, d, rngs)
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, k
-
-    def __call__(self, x, positions, inv_freq, allowed, kv=None, index=None):
-        b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if kv is not None:  # write this call's keys/values into the cache, attend over all slots
-            k_all, v_all = kv
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, index, 0, 0))
-            kv, k, v = (k_all, v_all), k_all, v_all
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)  # [B, T, Hkv, G, K]
-        scores = jnp.einsum("bthgk,bshk->bhgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores.astype(jnp.float32) * (self.head_dim**-0.5)
-        scores = jnp.where(allowed[:, None, None], scores, NEG_INF)  # [B, Hkv, G, T, S]
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhgts,bshk->bthgk", probs, v).reshape(b, t, -1)
-        return self.o_proj(out), kv
-
-
-class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
-        self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, rngs)
-        self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, rngs)
-
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        pd = _dtype(cfg.param_dtype)
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-        self.attn = Attention(cfg, rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
-        self.mlp = MLP(cfg, rngs)
-
-    def __call__(self, x, positions, inv_freq, allowed, kv=None, index=None):
-        h, kv = self.attn(self.input_norm(x), positions, inv_freq, allowed, kv, index)
-        x = x + h
-        return x + self.mlp(self.post_attn_norm(x)), kv
-
-
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        pd = _dtype(cfg.param_dtype)
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=_dtype(cfg.dtype),
+        pd = jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
                                param_dtype=pd, embedding_init=nnx.initializers.normal(0.02),
                                rngs=rngs)
         self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cfg.norm_unit_offset)
         if "lm" in cfg.heads and not cfg.tie_embeddings:
-            self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
+            self.lm_head = linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
         if "value" in cfg.heads:
-            self.value_head = _linear(cfg, cfg.hidden_size, 1, rngs, bias=True)
+            self.value_head = linear(cfg, cfg.hidden_size, 1, rngs, bias=True)
         if "reward" in cfg.heads:
-            self.reward_head = _linear(cfg, cfg.hidden_size, 1, rngs)
+            self.reward_head = linear(cfg, cfg.hidden_size, 1, rngs)
         self.cfg = cfg
 
-    def __call__(self, tokens, positions, allowed, cache: KVCache | None):
+    def __call__(self, tokens, positions, allowed: tuple, cache: KVCache | None):
+        """``allowed``: the ``(full, sliding)`` masks ``[B, T, S]`` (None for an unused kind)."""
         cfg = self.cfg
         inv_freq = inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
+        # Gemma 3: the sliding layers use plain RoPE with their own base.
+        local = (inv_freq if cfg.rope_local_theta is None else
+                 inverse_frequencies(cfg.dim_per_head, cfg.rope_local_theta, None))
         x = self.embed(tokens)
+        if cfg.scale_embeddings:  # HF Gemma: the normaliser is cast to the activations' dtype
+            x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
         new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
+        for i, (layer, sliding) in enumerate(zip(self.layers, cfg.layer_is_sliding())):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             index = None if cache is None else cache.index
+            freq, mask = (local if sliding else inv_freq), allowed[sliding]
             if cfg.remat and cache is None:
-                x, kv = nnx.remat(lambda m, *a: m(*a))(layer, x, positions, inv_freq, allowed)
+                x, kv = nnx.remat(lambda m, *a: m(*a))(layer, x, positions, freq, mask)
             else:
-                x, kv = layer(x, positions, inv_freq, allowed, kv, index)
+                x, kv = layer(x, positions, freq, mask, kv, index)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -166,6 +88,15 @@ class Transformer(nnx.Module):
         if cache is None:
             return x, None
         return x, KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.valid, cache.index)
+
+
+def _masks(config: ModelConfig, q_slots, k_slots, k_valid, q_seg, k_seg) -> tuple:
+    """``(full, sliding)`` attention masks, each built only when some layer uses it."""
+    kinds = set(config.layer_is_sliding())
+    full = _allowed(q_slots, k_slots, k_valid, q_seg, k_seg, None) if False in kinds else None
+    sliding = (_allowed(q_slots, k_slots, k_valid, q_seg, k_seg, config.sliding_window)
+               if True in kinds else None)
+    return full, sliding
 
 
 def _allowed(q_slots, k_slots, k_valid, q_seg, k_seg, window) -> Bool[Array, "B T S"]:
@@ -214,8 +145,8 @@ class Model:
             slots = jnp.arange(t)
             if positions is None:
                 positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-            allowed = _allowed(jnp.broadcast_to(slots, (b, t)), slots, mask, segment_ids,
-                               segment_ids, self.config.sliding_window)
+            allowed = _masks(self.config, jnp.broadcast_to(slots, (b, t)), slots, mask,
+                             segment_ids, segment_ids)
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packing) is for training; not with a KV cache")
@@ -226,15 +157,16 @@ class Model:
             if positions is None:  # real tokens already in the cache, plus this call's
                 before = jnp.sum(cache.valid & (jnp.arange(s) < cache.index), axis=-1)
                 positions = before[:, None] + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-            allowed = _allowed(jnp.broadcast_to(q_slots, (b, t)), jnp.arange(s), valid, None,
-                               None, self.config.sliding_window)
+            allowed = _masks(self.config, jnp.broadcast_to(q_slots, (b, t)), jnp.arange(s),
+                             valid, None, None)
         hidden, new_cache = self._module(params)(tokens, positions, allowed, cache)
         if new_cache is not None:
             new_cache = new_cache._replace(index=cache.index + t)
         return ModelOutput(hidden, new_cache)
 
     def unembedding(self, params) -> Float[Array, "D V"]:
-        """The LM head as a ``[D, V]`` matrix (the transposed embedding when tied)."""
+        """The LM head as a ``[D, V]`` matrix (the transposed embedding when tied); the logits
+        are ``softcap(hidden @ unembedding, config.final_logit_softcap)``."""
         if "lm" not in self.config.heads:
             raise ValueError("this model has no 'lm' head")
         if self.config.tie_embeddings:
@@ -242,10 +174,16 @@ class Model:
         return params["lm_head"]["kernel"]
 
     def logits(self, params, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-        """Next-token logits in float32 (matmul accumulated in float32)."""
+        """Next-token logits in float32 (matmul accumulated in float32), soft-capped as
+        ``cap * tanh(z / cap)`` when ``config.final_logit_softcap`` is set (Gemma 2).
+
+        Code that computes logits from ``unembedding`` itself (the chunked log-probs) must pass
+        ``softcap=config.final_logit_softcap`` too (``models.scoring`` does).
+        """
         w = self.unembedding(params)
-        return jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype),
-                          preferred_element_type=jnp.float32).astype(jnp.float32)
+        z = jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype),
+                       preferred_element_type=jnp.float32).astype(jnp.float32)
+        return softcap(z, self.config.final_logit_softcap)
 
     def values(self, params, hidden: Float[Array, "B T D"]) -> Float[Array, "B T"]:
         """Per-token value estimates from the value head, float32."""
@@ -267,7 +205,7 @@ class Model:
             raise ValueError(f"cache length {length} exceeds max_position_embeddings "
                              f"{c.max_position_embeddings}")
         shape = (c.num_layers, batch, length, c.num_kv_heads, c.dim_per_head)
-        z = jnp.zeros(shape, _dtype(c.dtype))
+        z = jnp.zeros(shape, jnp.dtype(c.dtype))
         return KVCache(z, z, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
 

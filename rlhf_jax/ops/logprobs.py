@@ -14,6 +14,10 @@ Everything is computed on logits shifted by their maximum ``m`` (``z - m <= 0``)
 does not lose precision in proportion to ``|m|``: ``log pi(y) = (z_y - m) - log s`` and
 ``H = log s - E[z - m]`` with ``s = sum exp(z - m)``. Adding ``m`` back first (``m + log s``) would
 round to the float32 spacing of ``m`` (6e-5 at logits near 1000).
+
+Soft-capped logits (Gemma 2, Gemma Team 2024): with ``softcap=c`` the logits are
+``z = c tanh((h . w) / c)`` before the temperature, as ``Model.logits`` computes them, and the
+backward multiplies each ``dz`` by ``dz/d(h . w) = 1 - (z / c)^2``.
 """
 
 from __future__ import annotations
@@ -97,12 +101,16 @@ def _span(n: int, chunk: int, i: jax.Array):
     return start, (start + jnp.arange(chunk)) >= off
 
 
-def _logits(h: jax.Array, w: jax.Array, temperature: float) -> jax.Array:
+def _cap(z: jax.Array, softcap: float | None) -> jax.Array:
+    return z if softcap is None else softcap * jnp.tanh(z / softcap)
+
+
+def _logits(h: jax.Array, w: jax.Array, temperature: float, softcap: float | None) -> jax.Array:
     z = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)  # [B, t, v]
-    return z.astype(jnp.float32) / temperature
+    return _cap(z.astype(jnp.float32), softcap) / temperature
 
 
-def _chunk_stats(h, w, chunk_v: int, temperature: float):
+def _chunk_stats(h, w, chunk_v: int, temperature: float, softcap: float | None):
     """Online ``(m, s, u) = (max z, sum exp(z - m), sum exp(z - m) (z - m))`` over vocabulary
     chunks of ``h`` [B, t, D]. When the max moves from ``m`` to ``m'`` both sums are rescaled by
     ``exp(m - m')`` and ``u`` also gains ``s (m - m')`` (its terms are relative to the max)."""
@@ -111,7 +119,8 @@ def _chunk_stats(h, w, chunk_v: int, temperature: float):
     def body(i, carry):
         m, s, u = carry  # [B, t] each
         start, new = _span(v, chunk_v, i)
-        z = _logits(h, jax.lax.dynamic_slice_in_dim(w, start, chunk_v, axis=1), temperature)
+        z = _logits(h, jax.lax.dynamic_slice_in_dim(w, start, chunk_v, axis=1), temperature,
+                    softcap)
         z = jnp.where(new, z, NEG_INF)  # [B, t, cv]
         m_new = jnp.maximum(m, jnp.max(z, axis=-1))
         scale = jnp.exp(m - m_new)
@@ -126,7 +135,7 @@ def _chunk_stats(h, w, chunk_v: int, temperature: float):
     return jax.lax.fori_loop(0, -(-v // chunk_v), body, init)
 
 
-def _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v):
+def _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v, softcap):
     """Per position: the max ``m``, ``log s = logsumexp(z - m)``, ``ezc = E_softmax(z)[z - m]``
     and the target logit relative to the max, ``z_y - m``."""
     b, t, _ = hidden.shape
@@ -135,10 +144,11 @@ def _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v):
         start, _ = _span(t, chunk_t, i)
         h = jax.lax.dynamic_slice_in_dim(hidden, start, chunk_t, axis=1)  # [B, ct, D]
         y = jax.lax.dynamic_slice_in_dim(targets, start, chunk_t, axis=1)  # [B, ct]
-        m, s, u = _chunk_stats(h, unembed, chunk_v, temperature)
+        m, s, u = _chunk_stats(h, unembed, chunk_v, temperature, softcap)
         w_y = jnp.take(unembed, y, axis=1)  # [D, B, ct]
         z_y = jnp.einsum("btd,dbt->bt", h, w_y, preferred_element_type=jnp.float32)
-        new = (m, jnp.log(s), u / s, z_y.astype(jnp.float32) / temperature - m)
+        z_y = _cap(z_y.astype(jnp.float32), softcap) / temperature
+        new = (m, jnp.log(s), u / s, z_y - m)
         return tuple(jax.lax.dynamic_update_slice_in_dim(o, n, start, axis=1)
                      for o, n in zip(outs, new))
 
@@ -148,20 +158,23 @@ def _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v):
 
 # ``mode``: which outputs are differentiated ("logprobs", "entropy" or "both"); the forward pass
 # yields both from one sweep over the vocabulary either way.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _chunked(hidden, unembed, targets, mode, temperature, chunk_t, chunk_v):
-    _, log_s, ezc, zc_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _chunked(hidden, unembed, targets, mode, temperature, chunk_t, chunk_v, softcap):
+    _, log_s, ezc, zc_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v,
+                                   softcap)
     return zc_y - log_s, log_s - ezc
 
 
-def _chunked_fwd(hidden, unembed, targets, mode, temperature, chunk_t, chunk_v):
-    m, log_s, ezc, zc_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v)
+def _chunked_fwd(hidden, unembed, targets, mode, temperature, chunk_t, chunk_v, softcap):
+    m, log_s, ezc, zc_y = _forward(hidden, unembed, targets, temperature, chunk_t, chunk_v,
+                                   softcap)
     return (zc_y - log_s, log_s - ezc), (hidden, unembed, targets, m, log_s, ezc)
 
 
-def _chunked_bwd(mode, temperature, chunk_t, chunk_v, res, gs):
+def _chunked_bwd(mode, temperature, chunk_t, chunk_v, softcap, res, gs):
     """Recompute each logit chunk; ``dz = g_lp (onehot(y) - p) - g_H p (z - E[z])``, over T (a
-    term is skipped when ``mode`` says its output is not differentiated)."""
+    term is skipped when ``mode`` says its output is not differentiated), times
+    ``1 - (z / c)^2`` with a soft-cap ``c``."""
     hidden, unembed, targets, m, log_s, ezc = res
     (b, t, d), v = hidden.shape, unembed.shape[1]
     use_lp, use_ent = mode in ("logprobs", "both"), mode in ("entropy", "both")
@@ -180,7 +193,8 @@ def _chunked_bwd(mode, temperature, chunk_t, chunk_v, res, gs):
             dh_c, dw = inner
             vs, new_v = _span(v, chunk_v, j)
             w = jax.lax.dynamic_slice_in_dim(unembed, vs, chunk_v, axis=1)  # [D, cv]
-            zc = _logits(h, w, temperature) - m_c[..., None]  # [B, ct, cv]; z - max
+            z = _logits(h, w, temperature, softcap)  # [B, ct, cv]
+            zc = z - m_c[..., None]  # z - max
             p = jnp.where(new_v, jnp.exp(zc - log_s_c[..., None]), 0.0)
             dz = jnp.zeros_like(p)
             if use_lp:
@@ -188,6 +202,8 @@ def _chunked_bwd(mode, temperature, chunk_t, chunk_v, res, gs):
                 dz = gl_c[..., None] * (hit.astype(jnp.float32) - p)
             if use_ent:
                 dz = dz - ge_c[..., None] * p * (zc - ezc_c[..., None])  # z - E[z]
+            if softcap is not None:  # through the cap: d(c tanh(x / c)) = 1 - tanh^2
+                dz = dz * (1.0 - jnp.square(z * temperature / softcap))
             dh_c = dh_c + jnp.einsum("btv,dv->btd", dz, w, preferred_element_type=jnp.float32)
             dw_c = jnp.einsum("btd,btv->dv", h, dz, preferred_element_type=jnp.float32)
             old = jax.lax.dynamic_slice_in_dim(dw, vs, chunk_v, axis=1)
@@ -207,8 +223,8 @@ def _chunked_bwd(mode, temperature, chunk_t, chunk_v, res, gs):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v,
-                  targets=None) -> tuple[int, int]:
+def _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v, targets=None,
+                  softcap=None) -> tuple[int, int]:
     """Shapes (``[B, T, D]``, ``[D, V]``, targets ``[B, T]``), temperature and chunk sizes, checked
     here rather than deep inside the scans."""
     chex.assert_rank([hidden, unembed], [3, 2])
@@ -216,6 +232,8 @@ def _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v,
     if targets is not None:
         chex.assert_shape(targets, hidden.shape[:2])
     _scaled(jnp.zeros(()), temperature)  # validates temperature
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     if chunk_t < 1 or chunk_v < 1:
         raise ValueError(f"chunk sizes must be >= 1, got chunk_t={chunk_t}, chunk_v={chunk_v}")
     return min(chunk_t, hidden.shape[1]), min(chunk_v, unembed.shape[1])
@@ -229,16 +247,19 @@ def chunked_token_logprobs(
     temperature: float = 1.0,
     chunk_t: int = 128,
     chunk_v: int = 8192,
+    softcap: float | None = None,
 ) -> Float[Array, "B T"]:
-    """``token_logprobs(hidden @ unembed, targets)`` without materialising ``[B, T, V]``.
+    """``token_logprobs(softcap(hidden @ unembed), targets)`` without materialising
+    ``[B, T, V]``.
 
     Formula as in ``token_logprobs``; the target logit is ``hidden . unembed[:, y]`` and the
     log-sum-exp is accumulated online over vocabulary chunks (Milakov & Gimelshein, 2018).
-    Chunk sizes need not divide ``T`` or ``V``.
+    Chunk sizes need not divide ``T`` or ``V``. ``softcap=c``: logits ``c tanh(z / c)``, before
+    the temperature (Gemma 2's final-logit cap; None: none).
     """
-    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v, targets)
+    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v, targets, softcap)
     return _chunked(hidden, unembed, targets.astype(jnp.int32), "logprobs", float(temperature),
-                    ct, cv)[0]
+                    ct, cv, softcap)[0]
 
 
 def chunked_entropy(
@@ -248,15 +269,16 @@ def chunked_entropy(
     temperature: float = 1.0,
     chunk_t: int = 128,
     chunk_v: int = 8192,
+    softcap: float | None = None,
 ) -> Float[Array, "B T"]:
-    """``entropy_from_logits(hidden @ unembed)`` without materialising ``[B, T, V]``.
+    """``entropy_from_logits(softcap(hidden @ unembed))`` without materialising ``[B, T, V]``.
 
     With ``m`` the running max, ``s = sum exp(z - m)`` and ``u = sum exp(z - m) (z - m)``:
     ``H = log s - u / s`` (no ``m`` added and subtracted back: full precision at large logits).
     """
-    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v)
+    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v, None, softcap)
     targets = jnp.zeros(hidden.shape[:2], jnp.int32)  # unused by the entropy
-    return _chunked(hidden, unembed, targets, "entropy", float(temperature), ct, cv)[1]
+    return _chunked(hidden, unembed, targets, "entropy", float(temperature), ct, cv, softcap)[1]
 
 
 def chunked_logprobs_and_entropy(
@@ -267,6 +289,7 @@ def chunked_logprobs_and_entropy(
     temperature: float = 1.0,
     chunk_t: int = 128,
     chunk_v: int = 8192,
+    softcap: float | None = None,
 ) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
     """``(chunked_token_logprobs(...), chunked_entropy(...))`` from one sweep over the
     vocabulary (one logit matmul instead of two, forward and backward): the online statistics
@@ -274,6 +297,6 @@ def chunked_logprobs_and_entropy(
     ``log pi(y) = (z_y - m) - log s`` and ``H = log s - u / s``. The gradient sums both terms'
     ``dz`` in one pass.
     """
-    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v, targets)
+    ct, cv = _check_chunks(hidden, unembed, temperature, chunk_t, chunk_v, targets, softcap)
     return _chunked(hidden, unembed, targets.astype(jnp.int32), "both", float(temperature),
-                    ct, cv)
+                    ct, cv, softcap)

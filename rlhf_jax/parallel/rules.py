@@ -16,7 +16,8 @@ o_proj/kernel    [H*K, D]   (tensor, fsdp)      input heads split: one all-reduc
 gate/up_proj     [D, F]     (fsdp, tensor)      MLP hidden split over ``tensor``
 down_proj        [F, D]     (tensor, fsdp)      input hidden split: one all-reduce per block
 lm_head/kernel   [D, V]     (fsdp, tensor)      vocab-parallel logits
-norms, heads' [D, 1]        replicated          a few kilobytes; splitting costs more than it saves
+norms [D], q/k_norm [K],    replicated          a few kilobytes; splitting costs more than it saves
+heads' [D, 1]
 ==========================  ==================  =============================================
 
 A split needs the dimension divisible by the axis size, and a split of heads needs the *head
@@ -63,12 +64,15 @@ RULES: tuple[Rule, ...] = (
     Rule(r"(^|/)mlp/(gate|up)_proj/kernel$", P("fsdp", "tensor")),
     Rule(r"(^|/)mlp/down_proj/kernel$", P("tensor", "fsdp")),
     Rule(r"^lm_head/kernel$", P("fsdp", "tensor")),
-    Rule(r"(^|/)(input_norm|post_attn_norm|norm)/weight$", P()),
+    Rule(r"(^|/)(input_norm|post_attn_norm|attn_out_norm|mlp_out_norm|norm)/weight$", P()),
+    Rule(_PROJ + r"(q|k)_norm/weight$", P()),  # per-head q/k norms [K]: shared by every head
     Rule(r"^(value_head|reward_head)/(kernel|bias)$", P()),
 )
 
-# Llama, Qwen2 and Mistral share one parameter layout (Qwen2 adds the q/k/v biases).
-FAMILY_RULES: dict[str, tuple[Rule, ...]] = {"llama": RULES, "qwen2": RULES, "mistral": RULES}
+# Every family shares one parameter layout: Qwen2 adds the q/k/v biases, Qwen3 and Gemma 3 the
+# q/k norms, Gemma the sandwich norms; Phi-3's fused checkpoint tensors are split on import.
+FAMILY_RULES: dict[str, tuple[Rule, ...]] = {
+    f: RULES for f in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3")}
 
 
 class ShardingPlan(NamedTuple):

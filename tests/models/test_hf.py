@@ -23,7 +23,7 @@ from rlhf_jax.models import ModelConfig, RopeScaling, init_model
 from rlhf_jax.models.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf"
-FAMILIES = ("llama", "qwen2", "mistral")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3")
 
 
 def _reference(family: str) -> dict[str, np.ndarray]:
@@ -93,7 +93,9 @@ def test_greedy_decode_with_cache_matches_transformers_generate(family):
 
 
 # ---------------------------------------------------------------- exact round trips
-@pytest.mark.parametrize("family,shard", [("llama", None), ("qwen2", None), ("mistral", 40_000)])
+@pytest.mark.parametrize("family,shard", [("llama", None), ("qwen2", None), ("mistral", 40_000),
+                                          ("qwen3", None), ("phi3", 60_000), ("gemma2", None),
+                                          ("gemma3", None)])
 def test_import_export_import_is_exact(tmp_path, family, shard):
     config, params = load_hf_checkpoint(FIXTURES / family)
     save_hf_checkpoint(tmp_path, config, params, max_shard_bytes=shard)
@@ -268,6 +270,15 @@ def test_export_refuses_configs_without_hf_equivalent(tmp_path):
         save_hf_checkpoint(tmp_path, config.replace(qkv_bias=True), params)
     with pytest.raises(ValueError, match="params do not match"):
         save_hf_checkpoint(tmp_path, config.replace(tie_embeddings=False), params)
+    with pytest.raises(ValueError, match="final_logit_softcap is exported for families"):
+        save_hf_checkpoint(tmp_path, config.replace(final_logit_softcap=30.0), params)
+    gemma, gparams = load_hf_checkpoint(FIXTURES / "gemma2")
+    with pytest.raises(ValueError, match="norm_unit_offset"):
+        save_hf_checkpoint(tmp_path, gemma.replace(norm_unit_offset=False), gparams)
+    phi3, pparams = load_hf_checkpoint(FIXTURES / "phi3")
+    with pytest.raises(ValueError, match="plain RoPE"):
+        save_hf_checkpoint(tmp_path, phi3.replace(rope_scaling=RopeScaling(
+            rope_type="linear", factor=2.0)), pparams)
 
 
 # ---------------------------------------------------------------- live transformers checks
@@ -300,8 +311,9 @@ def _export_cases():
     return ids, mask
 
 
-@pytest.mark.parametrize("family,heads", [("llama", ("lm",)), ("qwen2", ("lm",)),
-                                          ("mistral", ("lm",)), ("qwen2", ("reward",))])
+@pytest.mark.parametrize("family,heads", [(f, ("lm",)) for f in FAMILIES] + [
+    ("qwen2", ("reward",)), ("gemma2", ("reward",)), ("gemma3", ("reward",)),
+    ("phi3", ("reward",))])
 def test_transformers_loads_our_export(tmp_path, family, heads):
     python = os.environ.get("RLHF_JAX_TORCH_PYTHON")
     if not python:

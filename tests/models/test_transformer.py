@@ -1,4 +1,5 @@
-"""The decoder: KV cache, padding, packing, sliding window, heads, dtypes, remat, presets."""
+"""The decoder: KV cache, padding, packing, sliding window, heads, dtypes, remat, presets, and
+the Gemma / Qwen3 switches (per-layer windows, soft-caps, q/k norms, sandwich norms)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ from rlhf_jax.models import PRESETS, ModelConfig, abstract_params, get_preset, i
 
 TOY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, heads=("lm", "value", "reward"))
+GEMMA_LIKE = TOY.replace(
+    family="gemma3", num_layers=3, head_dim=16, sliding_window=3,
+    layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+    rope_theta=1e6, rope_local_theta=1e4, qk_norm=True, norm_unit_offset=True,
+    sandwich_norms=True, scale_embeddings=True, mlp_activation="gelu_tanh",
+    query_pre_attn_scalar=24, attn_logit_softcap=1.0, final_logit_softcap=2.0,
+    tie_embeddings=True, heads=("lm",))
 
 
 def _apply(model):
@@ -174,7 +182,12 @@ def test_preset_sizes_are_as_named():
 
 
 @pytest.mark.parametrize("bad", [dict(num_kv_heads=3), dict(family="gpt2"), dict(heads=()),
-                                 dict(dtype="int8"), dict(sliding_window=0)])
+                                 dict(dtype="int8"), dict(sliding_window=0),
+                                 dict(layer_types=("full_attention",)),
+                                 dict(layer_types=("global", "global")),
+                                 dict(layer_types=("sliding_attention", "full_attention")),
+                                 dict(mlp_activation="relu"), dict(final_logit_softcap=0.0),
+                                 dict(attn_logit_softcap=-1.0), dict(query_pre_attn_scalar=0)])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         TOY.replace(**bad)
@@ -184,3 +197,88 @@ def test_cache_longer_than_context_is_refused(toy):
     model, _ = toy
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.init_cache(1, TOY.max_position_embeddings + 1)
+
+
+@pytest.fixture(scope="module")
+def gemma_like():
+    model, params = init_model(GEMMA_LIKE, jax.random.PRNGKey(0))
+    # move the zero-initialised (1 + w) norm weights off 0 so each norm's weight matters
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(len(path)), x.shape)
+        if "norm" in jax.tree_util.keystr(path) else 4.0 * x, params)
+    return model, params
+
+
+def test_gemma_like_cached_decode_equals_full_forward(gemma_like):
+    """Per-layer windows (3, shorter than the 11 tokens), the local RoPE base and both caps
+    give the same hidden states and logits with the KV cache as without."""
+    model, params = gemma_like
+    tok = _tokens(2, 11)
+    full = _apply(model)(params, tok).hidden
+    out = _apply(model)(params, tok[:, :5], cache=model.init_cache(2, 11))
+    hidden, cache = [out.hidden], out.cache
+    step = jax.jit(lambda p, x, c: model.apply(p, x, cache=c))
+    for i in range(5, 11):
+        o = step(params, tok[:, i:i + 1], cache)
+        hidden.append(o.hidden)
+        cache = o.cache
+    np.testing.assert_allclose(jnp.concatenate(hidden, 1), full, atol=5e-5)
+    logits = model.logits(params, full)
+    assert float(jnp.abs(logits).max()) < 2.0  # the final cap bounds them
+
+
+@pytest.mark.parametrize("change", [
+    dict(layer_types=None),  # all layers slide
+    dict(layer_types=("full_attention",) * 3),
+    dict(rope_local_theta=None), dict(attn_logit_softcap=None), dict(final_logit_softcap=None),
+    dict(query_pre_attn_scalar=None), dict(mlp_activation="silu"), dict(scale_embeddings=False),
+])
+def test_each_gemma_switch_changes_the_logits(gemma_like, change):
+    """No switch is silently ignored: turning any one off changes the outputs."""
+    model, params = gemma_like
+    other = init_model(GEMMA_LIKE.replace(**change), jax.random.PRNGKey(0))[0]
+    tok = _tokens(1, 9)
+    a = model.logits(params, _apply(model)(params, tok).hidden)
+    b = other.logits(params, _apply(other)(params, tok).hidden)
+    assert float(jnp.abs(a - b).max()) > 1e-3
+
+
+def test_gemma_like_window_is_per_layer(gemma_like):
+    """Layer 0 slides (window 3), layer 1 is global: position 0 still reaches the last token
+    through layer 1, while with every layer sliding it cannot (three layers reach 3 * 2 back)."""
+    model, params = gemma_like
+    tok = _tokens(1, 10)
+    changed = tok.at[0, 0].set((tok[0, 0] + 1) % 97)
+
+    def last(m):
+        return np.asarray(_apply(m)(params, tok).hidden - _apply(m)(params, changed).hidden)
+
+    assert np.abs(last(model)[0, -1]).max() > 1e-5
+    all_sliding = init_model(GEMMA_LIKE.replace(layer_types=None), jax.random.PRNGKey(0))[0]
+    assert np.abs(last(all_sliding)[0, -1]).max() < 1e-6
+
+
+def test_scoring_applies_the_final_softcap(gemma_like):
+    """The chunked log-probs of ``models.scoring`` equal ``log_softmax(Model.logits)``, which
+    carries the cap (a path that forgot it would differ by far more than 1e-5)."""
+    from rlhf_jax import ops
+    from rlhf_jax.models import score_completions
+    model, params = gemma_like
+    prompt, completion = _tokens(2, 5), _tokens(2, 4, seed=2)
+    scores = score_completions(model, params, prompt, jnp.ones((2, 5), bool), completion,
+                               jnp.ones((2, 4), bool), temperature=0.7, entropy=True, chunk_v=10)
+    hidden = model.apply(params, jnp.concatenate([prompt, completion], 1)).hidden
+    logits = model.logits(params, hidden[:, 4:8])
+    np.testing.assert_allclose(scores.logprobs, ops.token_logprobs(logits, completion,
+                                                                    temperature=0.7), atol=1e-5)
+    np.testing.assert_allclose(scores.entropy, ops.entropy_from_logits(logits, temperature=0.7),
+                               atol=1e-5)
+
+
+def test_qk_norm_and_sandwich_params_and_counts():
+    cfg = GEMMA_LIKE.replace(heads=("lm", "value"))
+    params = abstract_params(cfg)
+    block = params["layers"][0]
+    assert block["attn"]["q_norm"]["weight"].shape == (16,)
+    assert {"attn_out_norm", "mlp_out_norm", "post_attn_norm", "input_norm"} <= set(block)
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == cfg.num_params()

@@ -441,3 +441,34 @@ def test_entropy_from_logits_grad_finite_with_minus_inf_logits():
     g_live = jax.grad(lambda z: entropy_from_logits(z).sum())(jnp.array([[[1.0, 2.0, 0.5]]]))
     _close(g[0, 1, [0, 2, 3]], g_live[0, 0])
     _close(g[0, 0, 2:], 0.0)
+
+
+# ------------------------------------------------------- soft-capped logits (Gemma 2's final cap)
+@pytest.mark.parametrize("chunk_t,chunk_v", [(3, 4), (7, 13), (1, 1)])
+def test_chunked_softcap_equals_plain_on_capped_logits(chunk_t, chunk_v):
+    """Values and gradients of all three chunked forms with ``softcap=c`` equal the plain forms
+    on ``c tanh(h w / c)`` (a cap of 1.5 bends the N(0, 5) logits hard)."""
+    h, w, y = _hwy(16)
+    cap, kw = 1.5, dict(temperature=0.8, chunk_t=chunk_t, chunk_v=chunk_v, softcap=1.5)
+
+    def capped(a, b):
+        return cap * jnp.tanh((a @ b) / cap)
+
+    pairs = [
+        (lambda a, b: chunked_token_logprobs(a, b, y, **kw),
+         lambda a, b: token_logprobs(capped(a, b), y, temperature=0.8)),
+        (lambda a, b: chunked_entropy(a, b, **kw),
+         lambda a, b: entropy_from_logits(capped(a, b), temperature=0.8)),
+        (lambda a, b: sum(chunked_logprobs_and_entropy(a, b, y, **kw)),
+         lambda a, b: token_logprobs(capped(a, b), y, temperature=0.8)
+         + entropy_from_logits(capped(a, b), temperature=0.8)),
+    ]
+    for chunked, plain in pairs:
+        (v1, g1), (v2, g2) = _grads(chunked, h, w), _grads(plain, h, w)
+        _close(v1, v2)
+        _close(g1[0], g2[0])
+        _close(g1[1], g2[1])
+    np_ref = np_token_logprobs(np.asarray(capped(h, w)), y, temperature=0.8)
+    _close(chunked_token_logprobs(h, w, y, **kw), np_ref)
+    with pytest.raises(ValueError, match="softcap"):
+        chunked_token_logprobs(h, w, y, softcap=0.0)

@@ -71,6 +71,40 @@ def test_greedy_equals_argmax_of_full_forward(toy):
         np.testing.assert_array_equal(got[r, :n], expected[r, :n])
 
 
+GEMMA_LIKE = CFG.replace(
+    family="gemma2", num_layers=3, head_dim=16, sliding_window=3,
+    layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+    rope_theta=1e6, rope_local_theta=1e4, qk_norm=True, norm_unit_offset=True,
+    sandwich_norms=True, scale_embeddings=True, mlp_activation="gelu_tanh",
+    query_pre_attn_scalar=24, attn_logit_softcap=1.0, final_logit_softcap=2.0,
+    tie_embeddings=True)
+
+
+def test_gemma_like_greedy_with_cache_equals_argmax_of_full_forward():
+    """Per-layer sliding windows (3, shorter than prompt plus completion), the local RoPE base
+    and both soft-caps behave the same with the sampler's KV cache as in a full forward, and the
+    sampler's log-probs are those of the capped logits."""
+    model, params = init_model(GEMMA_LIKE, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: 4.0 * x if x.ndim > 1 else x + 0.3, params)  # sharper
+    cfg = SamplingConfig(max_new_tokens=10, eos_ids=(60,), pad_id=0, temperature=0.0)
+    tokens, mask = pad_prompts(PROMPTS[:2], pad_id=0)
+    out = make_sampler(model, cfg)(params, tokens, mask, jax.random.PRNGKey(0))
+    seq, seq_mask = jnp.asarray(tokens), jnp.asarray(mask)
+    fwd = jax.jit(model.apply)
+    for _ in range(10):  # naive decoding without a cache
+        logits = model.logits(params, fwd(params, seq, attention_mask=seq_mask).hidden[:, -1:])
+        nxt = jnp.argmax(logits[:, 0], axis=-1)
+        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+        seq_mask = jnp.concatenate([seq_mask, jnp.ones((2, 1), bool)], axis=1)
+    expected, got = np.asarray(seq[:, tokens.shape[1]:]), np.asarray(out.tokens)
+    for r in range(2):  # equal up to and including the first EOS
+        n = int(out.mask[r].sum())
+        assert n >= 3
+        np.testing.assert_array_equal(got[r, :n], expected[r, :n])
+    lp = _recomputed_logprobs(model, params, out, 1.0)
+    assert float(jnp.abs(jnp.where(out.mask, lp - out.logprobs, 0.0)).max()) < 1e-5
+
+
 def test_top_k_one_is_greedy(toy):
     model, params = toy
     tokens, mask = pad_prompts(PROMPTS, pad_id=0)
