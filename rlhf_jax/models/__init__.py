@@ -30,3 +30,13 @@ from rlhf_jax.models.scoring import (  # noqa: E402
 __all__ += ["CompletionScores", "completion_values", "score_completions",
             "sequence_logprob_sums", "sequence_rewards", "token_batch_logits",
             "token_batch_logprobs", "token_batch_rewards"]
+from rlhf_jax.models.moe import (  # noqa: E402
+    MoEMLP,
+    expert_mlp,
+    load_balancing_loss,
+    moe_params_from_hf,
+    moe_params_to_hf,
+    route,
+)
+__all__ += ["MoEMLP", "route", "expert_mlp", "load_balancing_loss", "moe_params_from_hf",
+            "moe_params_to_hf"]

@@ -20,6 +20,24 @@ norms [D], q/k_norm [K],    replicated          a few kilobytes; splitting costs
 heads' [D, 1]
 ==========================  ==================  =============================================
 
+Mixture-of-experts blocks (``models.moe.MoEMLP``, ``MOE_RULES``; a MoE family's table is
+``MOE_RULES + RULES``):
+
+==========================  ==================  =============================================
+mlp/router/kernel [D, E]    replicated          ``D*E`` is small; every token needs all E logits
+mlp/gate|up_proj [E, D, F]  (fsdp, None,        whole experts per ``fsdp`` shard; each expert's
+                            tensor)             hidden split over ``tensor`` (as the dense MLP)
+mlp/down_proj    [E, F, D]  (fsdp, tensor,      same experts, input hidden split: one
+                            None)               all-reduce per block
+==========================  ==================  =============================================
+
+There is no separate ``expert`` mesh axis: the expert dimension rides on ``fsdp``. Under jit
+(GSPMD) that is ZeRO-3 storage, the experts all-gathered before use like any fsdp weight; the
+layout (whole experts per shard) is the one a later expert-parallel dispatch (tokens moved to
+their experts' devices with an all-to-all inside ``shard_map``) would use, so adding that keeps
+the checkpoints' sharding. A fourth mesh axis would change ``MeshConfig``, ``parse_mesh``, the
+batch axes and the CLI for no gain until that dispatch exists.
+
 A split needs the dimension divisible by the axis size, and a split of heads needs the *head
 count* divisible by it (a head is never cut in two). Where not, that dimension falls back to
 replicated and ``plan_param_specs`` says why (``param_shardings`` logs it): e.g. 4 key/value heads
@@ -68,6 +86,14 @@ RULES: tuple[Rule, ...] = (
     Rule(_PROJ + r"(q|k)_norm/weight$", P()),  # per-head q/k norms [K]: shared by every head
     Rule(r"^(value_head|reward_head)/(kernel|bias)$", P()),
 )
+
+MOE_RULES: tuple[Rule, ...] = (
+    Rule(r"(^|/)mlp/router/kernel$", P()),
+    Rule(r"(^|/)mlp/(gate|up)_proj$", P("fsdp", None, "tensor")),
+    Rule(r"(^|/)mlp/down_proj$", P("fsdp", "tensor", None)),
+)
+"""Rules for ``models.moe.MoEMLP`` at ``.../mlp`` (no ``/kernel`` suffix on the stacked experts,
+so they cannot be mistaken for a dense MLP's kernels)."""
 
 # Every family shares one parameter layout: Qwen2 adds the q/k/v biases, Qwen3 and Gemma 3 the
 # q/k norms, Gemma the sandwich norms; Phi-3's fused checkpoint tensors are split on import.
