@@ -81,7 +81,7 @@ def ours(policy, params, tokenizer, prompts: np.ndarray, a, counter) -> dict:
         t1 = time.perf_counter()
         host, _ = engine.host_rewards(ro, np.arange(sl.start, sl.stop))
         t2 = time.perf_counter()
-        box["state"], m = engine.update_jit(box["state"], ro, host, rm)
+        box["state"], m = engine.update_jit(box["state"], engine.frozen, ro, host, rm)
         jax.block_until_ready(m["loss"])
         box["phases"].append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 

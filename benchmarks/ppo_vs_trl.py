@@ -75,7 +75,8 @@ def ours(ckpt, rm_ckpt, prompts: np.ndarray, a, counter) -> dict:
                                               prompts[i * a.batch:(i + 1) * a.batch], mask)
         jax.block_until_ready(ro)
         t1 = time.perf_counter()
-        box["state"], up_metrics = engine.update_jit(box["state"], ro, None, rm_scores)
+        box["state"], up_metrics = engine.update_jit(box["state"], engine.frozen, ro, None,
+                                                       rm_scores)
         jax.block_until_ready(up_metrics["loss"])
         box["phases"].append((t1 - t0, time.perf_counter() - t1))
 

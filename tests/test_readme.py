@@ -130,14 +130,10 @@ def _with_short(args: list[str]) -> list[str]:
     return args[:cut] + extra + args[cut:] + mesh
 
 
-def test_cli_commands_run(chat_world, tmp_path, monkeypatch):
-    """The README's "your own model and data" commands, verbatim, in order, on a tiny ChatML
-    checkpoint (``my-model``) and conversational data made here, each shortened to 2 steps."""
-    import json
-    import shlex
+def _cli_world(chat_world, tmp_path, monkeypatch):
+    """The files the README's command blocks name: ``my-model``, ``data/``, ``my_rewards.py``,
+    ``sft.yaml``; the working directory moves there."""
     import shutil
-
-    from rlhf_jax import cli
 
     shutil.copytree(chat_world["ckpt"], tmp_path / "my-model")
     (tmp_path / "data").mkdir()
@@ -149,6 +145,34 @@ def test_cli_commands_run(chat_world, tmp_path, monkeypatch):
         "    return [float(c[0]['content'].strip() == a) for c, a in zip(completions, answer)]\n")
     (tmp_path / "sft.yaml").write_text(_block("cli-yaml", "yaml"))
     monkeypatch.chdir(tmp_path)
+
+
+def test_lora_commands_run(chat_world, tmp_path, monkeypatch):
+    """The README's LoRA commands, verbatim, each shortened to 2 steps: the adapter-only
+    checkpoints and the PEFT export chain from SFT into DPO; GRPO trains on an NF4 base."""
+    import json
+    import shlex
+
+    from rlhf_jax import cli
+
+    _cli_world(chat_world, tmp_path, monkeypatch)
+    for line in [ln for ln in _block("lora-commands", "bash").splitlines() if ln.strip()]:
+        assert cli.main(_with_short(shlex.split(line)[1:])) == 0, line
+    for run in ("sft-lora", "dpo-lora", "grpo-qlora"):
+        result = json.loads((tmp_path / "runs" / run / "result.json").read_text())
+        assert result["complete"] and result["steps"] == 2, run
+        assert (tmp_path / "runs" / run / "adapter" / "adapter_config.json").is_file(), run
+
+
+def test_cli_commands_run(chat_world, tmp_path, monkeypatch):
+    """The README's "your own model and data" commands, verbatim, in order, on a tiny ChatML
+    checkpoint (``my-model``) and conversational data made here, each shortened to 2 steps."""
+    import json
+    import shlex
+
+    from rlhf_jax import cli
+
+    _cli_world(chat_world, tmp_path, monkeypatch)
     lines = [ln for ln in _block("cli-commands", "bash").splitlines() if ln.strip()]
     assert {shlex.split(ln)[1] for ln in lines} == set(cli.STAGES) | {"plot"}
     for line in lines:

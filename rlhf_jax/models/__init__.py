@@ -40,3 +40,18 @@ from rlhf_jax.models.moe import (  # noqa: E402
 )
 __all__ += ["MoEMLP", "route", "expert_mlp", "load_balancing_loss", "moe_params_from_hf",
             "moe_params_to_hf"]
+
+from rlhf_jax.models.lora import (  # noqa: E402
+    LoraConfig,
+    LoraModel,
+    adapter_shapes,
+    combine,
+    init_adapter,
+    lora_model,
+    merge_adapter,
+    quantize_base,
+    split,
+)
+from rlhf_jax.models.peft_io import load_peft_adapter, save_peft_adapter  # noqa: E402
+__all__ += ["LoraConfig", "LoraModel", "adapter_shapes", "combine", "init_adapter", "lora_model",
+            "merge_adapter", "quantize_base", "split", "load_peft_adapter", "save_peft_adapter"]

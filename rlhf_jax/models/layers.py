@@ -54,7 +54,7 @@ class RMSNorm(nnx.Module):
         return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
-class _Linear(nnx.Linear):
+class FlatLinear(nnx.Linear):
     """``nnx.Linear`` on the ``[N, D]`` flattening of its ``[..., D]`` input. Same parameters
     and numbers; XLA:CPU runs the backward's 2-D matmuls ~15% faster than the batched ones
     (``benchmarks/README.md``), at no cost elsewhere (the reshapes are free bitcasts)."""
@@ -65,7 +65,7 @@ class _Linear(nnx.Linear):
 
 
 def linear(cfg: ModelConfig, d_in: int, d_out: int, rngs, bias: bool = False) -> nnx.Linear:
-    return _Linear(d_in, d_out, use_bias=bias, dtype=_dtype(cfg.dtype),
+    return FlatLinear(d_in, d_out, use_bias=bias, dtype=_dtype(cfg.dtype),
                    param_dtype=_dtype(cfg.param_dtype),
                    kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 

@@ -42,6 +42,12 @@ A split needs the dimension divisible by the axis size, and a split of heads nee
 count* divisible by it (a head is never cut in two). Where not, that dimension falls back to
 replicated and ``plan_param_specs`` says why (``param_shardings`` logs it): e.g. 4 key/value heads
 on ``tensor=8``.
+
+LoRA and QLoRA params (``models.lora``) follow their base kernel's rule (``adapter_rules``, derived
+from every ``.../kernel`` rule of the family): ``lora_a [in, r]`` splits ``in`` like the kernel's
+input dimension, ``lora_b [r, out]`` splits ``out`` like its output dimension, ``r`` is
+replicated; quantised codes (``kernel_int8 [in, out]``, ``kernel_nf4 [in/2, out]``) split like
+the kernel, their scales split ``out``.
 """
 
 from __future__ import annotations
@@ -94,6 +100,25 @@ MOE_RULES: tuple[Rule, ...] = (
 )
 """Rules for ``models.moe.MoEMLP`` at ``.../mlp`` (no ``/kernel`` suffix on the stacked experts,
 so they cannot be mistaken for a dense MLP's kernels)."""
+
+
+def adapter_rules(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """Rules for the LoRA/QLoRA params of each linear that ``rules`` give a ``.../kernel`` rule
+    (see the module doc); head constraints move with the dimension they belong to."""
+    out: list[Rule] = []
+    for r in rules:
+        if not r.pattern.endswith("kernel$") or len(r.spec) != 2:
+            continue
+        stem, (d_in, d_out) = r.pattern[:-len("kernel$")], tuple(r.spec)
+        on_in = tuple(h for h in r.heads if h[0] == 0)
+        on_out = tuple(h for h in r.heads if h[0] == 1)
+        out += [Rule(stem + "lora_a$", P(d_in, None), on_in),
+                Rule(stem + "lora_b$", P(None, d_out), on_out),
+                Rule(stem + "kernel_(int8|nf4)$", r.spec, r.heads),
+                Rule(stem + "kernel_scale$", P(d_out), tuple((0, f) for _, f in on_out)),
+                Rule(stem + "kernel_absmax$", P(None, d_out), on_out)]
+    return tuple(out)
+
 
 # Every family shares one parameter layout: Qwen2 adds the q/k/v biases, Qwen3 and Gemma 3 the
 # q/k norms, Gemma the sandwich norms; Phi-3's fused checkpoint tensors are split on import.
@@ -159,6 +184,7 @@ def plan_param_specs(model_config: ModelConfig, params, mesh: Mesh) -> ShardingP
         raise ValueError(f"no sharding rules for family {model_config.family!r}; "
                          f"known: {sorted(FAMILY_RULES)}")
     rules = FAMILY_RULES[model_config.family]
+    rules = rules + adapter_rules(rules)
     fallbacks: dict[str, str] = {}
 
     def spec(path, leaf):

@@ -24,7 +24,8 @@ from rlhf_jax.models import sequence_rewards
 from rlhf_jax.pipelines.config import DataConfig, GenerationConfig, ModelSpec, RewardConfig
 from rlhf_jax.pipelines.datasets import load_prompts
 from rlhf_jax.pipelines.run_dir import prepare_run_dir, write_json
-from rlhf_jax.pipelines.setup import check_sequence_fits, load_model, load_tokenizer
+from rlhf_jax.pipelines.setup import (check_sequence_fits, load_model, load_tokenizer,
+                                      with_adapter)
 from rlhf_jax.rewards import RewardFn, call_reward_fns
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 
@@ -118,8 +119,15 @@ def run(cfg: BestOfNConfig, *, eval_rewards: Mapping[str, RewardFn] | None = Non
     prompts, rows = load_prompts(cfg.data.train, cfg.data, tokenizer, report=report)
     v, n, s = tokenizer.vocab_size, cfg.group_size, cfg.sampling
     policy, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)
+    if cfg.policy.lora is not None and cfg.policy.adapter is None:
+        raise ValueError("policy.lora without policy.adapter would sample the base model (a "
+                         "fresh adapter changes nothing); give policy.adapter, a trained "
+                         "adapter directory such as a LoRA run's adapter/")
+    policy, params, adapted = with_adapter(cfg.policy, policy, params, seed=cfg.seed)
+    if adapted is not None:  # sampled merge-free: the adapter runs inside the compiled program
+        params = adapted.join(params)
     rm, rm_params = load_model(cfg.rewards.model, heads=("reward",), vocab_size=v,
-                               seed=cfg.seed, require=("reward",))
+                               seed=cfg.seed, require=("reward",), frozen="rewards.model")
     check_sequence_fits({"policy": policy.config, "reward": rm.config},
                         prompt_width=prompts.tokens.shape[1],
                         max_new_tokens=s.max_new_tokens)

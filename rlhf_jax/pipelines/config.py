@@ -28,6 +28,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from rlhf_jax.data import ON_OVERFLOW
+from rlhf_jax.models import LoraConfig
 from rlhf_jax.ops import KL_CONTROLLERS, KL_ESTIMATORS
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.rewards import NON_FINITE
@@ -47,6 +48,13 @@ class ModelSpec:
     """``ModelConfig`` fields replacing the preset's (e.g. ``{"num_layers": 2}``)."""
     dtype: str | None = None
     """Parameter and compute dtype override (``float32``, ``bfloat16``)."""
+    lora: LoraConfig | None = None
+    """Train a LoRA adapter (plus any new head) on the frozen base instead of every weight;
+    the base with the adapter off is then the reference (``models.lora``). None: full weights.
+    Only for a model the stage trains (or, in best-of-N, samples from)."""
+    adapter: str | None = None
+    """A PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) to
+    start from; its rank, alpha, targets and scaling replace ``lora``'s."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -23,8 +23,7 @@ from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConf
 from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch, row_length, row_unit
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
-                                      make_mesh,
-                                      model_shardings)
+                                      make_mesh, model_shardings, with_adapter)
 from rlhf_jax.pipelines.supervised import run_supervised, supervised_inputs
 from rlhf_jax.train.supervised import SupervisedTask
 
@@ -95,10 +94,12 @@ def run(cfg: DistillConfig) -> dict:
     batches = fixed_batches(evals, cfg.data.batch_size) if evals is not None else None
     mesh = make_mesh(cfg.mesh, cfg.data.batch_size)
     v = tokenizer.vocab_size
-    teacher, teacher_params = load_model(cfg.teacher, heads=("lm",), vocab_size=v, seed=cfg.seed)
+    teacher, teacher_params = load_model(cfg.teacher, heads=("lm",), vocab_size=v, seed=cfg.seed,
+                                         frozen="teacher")
     student, params = load_model(cfg.student, heads=("lm",), vocab_size=v, seed=cfg.seed + 1)
     check_length_fits({"teacher": teacher.config, "student": student.config},
                       row_length(train, evals))
+    student, params, adapted = with_adapter(cfg.student, student, params, seed=cfg.seed)
     # after every check above: a start refused for its config or data writes nothing
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
     if teacher.config.vocab_size != student.config.vocab_size:
@@ -110,7 +111,8 @@ def run(cfg: DistillConfig) -> dict:
         frozen_shardings=model_shardings(mesh, teacher.config, teacher_params),
         tokens_in=lambda b: int(b.attention_mask.sum()))
     return run_supervised(cfg, task, run_dir=run_dir, model=student, params=params,
-                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)
+                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report,
+                          adapted=adapted)
 
 
 if __name__ == "__main__":  # python -m rlhf_jax.pipelines.distill is `rlhf-jax distill`

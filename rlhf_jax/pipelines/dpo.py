@@ -26,8 +26,7 @@ from rlhf_jax.pipelines.config import (ModelSpec, OptimizerConfig, SupervisedCon
 from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs, row_length
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
-                                      make_mesh,
-                                      model_shardings, place)
+                                      make_mesh, model_shardings, place, with_adapter)
 from rlhf_jax.pipelines.supervised import run_supervised, supervised_inputs
 from rlhf_jax.train.supervised import SupervisedTask
 
@@ -149,6 +148,11 @@ def run(cfg: DPOConfig) -> dict:
     v = tokenizer.vocab_size
     model, params = load_model(cfg.policy, heads=("lm",), vocab_size=v, seed=cfg.seed)
     check_length_fits({"policy": model.config}, row_length(train, evals))
+    base = (model, params)  # the reference by default; with LoRA, the base with the adapter off
+    model, params, adapted = with_adapter(cfg.policy, model, params, seed=cfg.seed)
+    if adapted is not None:
+        ref_model, params_of = adapted.reference
+        base = (ref_model, params_of(adapted.base))
     # after every check above: a start refused for its config or data writes nothing
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
 
@@ -156,8 +160,8 @@ def run(cfg: DPOConfig) -> dict:
         n = pairs.chosen.tokens.shape[0]
         if cfg.algorithm.loss in REFERENCE_FREE_LOSSES:
             return pairs, np.zeros(n, np.float32), np.zeros(n, np.float32)
-        ref_model, ref_params = (model, params) if cfg.reference is None else load_model(
-            cfg.reference, heads=("lm",), vocab_size=v, seed=cfg.seed)
+        ref_model, ref_params = base if cfg.reference is None else load_model(
+            cfg.reference, heads=("lm",), vocab_size=v, seed=cfg.seed, frozen="reference")
         return (pairs, *reference_logps(ref_model, ref_params, pairs, b, mesh))
 
     task = SupervisedTask(
@@ -166,7 +170,8 @@ def run(cfg: DPOConfig) -> dict:
         eval_batches=fixed_batches(with_ref(evals), b) if evals is not None else None,
         postfix=("loss", "rewards/accuracy"))
     return run_supervised(cfg, task, run_dir=run_dir, model=model, params=params,
-                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)
+                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report,
+                          adapted=adapted)
 
 
 if __name__ == "__main__":  # python -m rlhf_jax.pipelines.dpo is `rlhf-jax dpo`

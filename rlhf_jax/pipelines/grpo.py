@@ -186,13 +186,12 @@ def run(cfg: GRPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
         raise ValueError("GRPO needs reward_fns (or rewards.functions) or a rewards.model")
     g = cfg.algorithm.group_size
     prep = onpolicy.prepare(cfg, group_size=g)
-    models, params, frozen, reference = onpolicy.load_models(
-        cfg, prep, value_model=None, use_reference=cfg.kl.coef > 0)
+    loaded = onpolicy.load_models(cfg, prep, value_model=None, use_reference=cfg.kl.coef > 0)
     rewards = onpolicy.engine_rewards(cfg, fns, weights)
     return onpolicy.run_onpolicy(
         cfg, grpo_algorithm(cfg.algorithm, cfg.kl, max_new_tokens=cfg.sampling.max_new_tokens),
-        prep=prep, models=models, params=params, frozen=frozen,
-        reference=reference, group_size=g, rewards=rewards, eval_rewards=eval_rewards or fns,
+        prep=prep, loaded=loaded, group_size=g, rewards=rewards,
+        eval_rewards=eval_rewards or fns,
         greedy_eval=True, postfix=("reward", "loss"))
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+import os
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -19,11 +20,13 @@ from rlhf_jax.data import BatchIterator, Tokenizer
 from rlhf_jax.models import sequence_rewards
 from rlhf_jax.pipelines.config import OnPolicyConfig
 from rlhf_jax.pipelines.datasets import load_prompts
-from rlhf_jax.pipelines.run_dir import config_dict, finish_run, prepare_run_dir
+from rlhf_jax.pipelines.run_dir import (config_dict, export_adapter, exported_params, finish_run,
+                                        prepare_run_dir)
 from rlhf_jax.pipelines.setup import (base_generation, check_sequence_fits, load_model,
-                                      load_tokenizer, make_mesh)
+                                      load_tokenizer, make_mesh, with_adapter)
 from rlhf_jax.rewards import RewardFn, resolve_reward_function
 from rlhf_jax.sampling import SamplingConfig
+from rlhf_jax.train.adapters import Adapted
 from rlhf_jax.train import (Models, OnPolicyAlgorithm, OnPolicyEngine, Rewards, RolloutEval,
                             make_optimizer, train_loop)
 
@@ -92,35 +95,60 @@ def engine_rewards(cfg: OnPolicyConfig, fns: Mapping[str, RewardFn],
                    time_limit=r.time_limit)
 
 
+class Loaded(NamedTuple):
+    """An on-policy stage's models (``load_models``)."""
+
+    models: Models
+    params: dict
+    """What trains: ``{"policy": ..., ["value": ...]}`` (with LoRA the policy's adapter)."""
+    frozen: dict
+    """``{"reference", "reward", "base"}`` as the stage uses them."""
+    reference: tuple
+    """``(model, params)`` of the reference, for evaluation."""
+    adapted: Adapted | None
+    """The policy's LoRA split (``setup.with_adapter``), None for full fine-tuning."""
+
+
 def load_models(cfg: OnPolicyConfig, prep: Prepared, *, value_model: str | None,
-                use_reference: bool) -> tuple[Models, dict, dict, Any]:
-    """``(models, trained params, frozen params, the reference for evaluation)``: the policy
-    (with a value head when ``value_model == "shared"``), the frozen reference (scored in the
-    rollout only when ``use_reference``), the reward model, a separate critic initialised from
-    the reward model when ``value_model == "separate"`` (InstructGPT). Lengths are checked
-    against every model's positions."""
+                use_reference: bool) -> Loaded:
+    """The policy (with a value head when ``value_model == "shared"``; a LoRA adapter with
+    ``policy.lora``), the frozen reference (scored in the rollout only when ``use_reference``;
+    with LoRA and no ``reference`` given, the policy's base with the adapter off), the reward
+    model, a separate critic initialised from the reward model when ``value_model ==
+    "separate"`` (InstructGPT). Lengths are checked against every model's positions."""
     v, seed = prep.tokenizer.vocab_size, cfg.seed
     shared = value_model == "shared"
     policy, p = load_model(cfg.policy, heads=("lm", "value") if shared else ("lm",),
                            vocab_size=v, seed=seed)
-    reference, ref = load_model(cfg.reference or cfg.policy, heads=("lm",), vocab_size=v,
-                                seed=seed)
+    policy, p, adapted = with_adapter(cfg.policy, policy, p, seed=seed)
     params, frozen = {"policy": p}, {}
+    reference_of_base = None
+    if adapted is not None:
+        frozen["base"] = adapted.base
+    if adapted is not None and cfg.reference is None:
+        reference, reference_of_base = adapted.reference
+        ref = reference_of_base(adapted.base)
+    else:
+        reference, ref = load_model(cfg.reference or cfg.policy, heads=("lm",), vocab_size=v,
+                                    seed=seed, frozen="reference")
+        if use_reference:
+            frozen["reference"] = ref
     reward = critic = None
     if cfg.rewards.model is not None:
         reward, frozen["reward"] = load_model(cfg.rewards.model, heads=("reward",),
-                                              vocab_size=v, seed=seed, require=("reward",))
+                                              vocab_size=v, seed=seed, require=("reward",),
+                                              frozen="rewards.model")
     if value_model == "separate":
         init = getattr(cfg, "value_init", None) or cfg.rewards.model
         critic, params["value"] = load_model(init, heads=("value",), vocab_size=v, seed=seed)
-    if use_reference:
-        frozen["reference"] = ref
     models = Models(policy=policy, reference=reference if use_reference else None,
-                    reward=reward, critic=critic, shared_values=shared)
+                    reward=reward, critic=critic, shared_values=shared,
+                    lora=adapted is not None,
+                    reference_of_base=reference_of_base if use_reference else None)
     check_sequence_fits(models.configs() | {"reference": reference.config},
                         prompt_width=prep.prompt_width,
                         max_new_tokens=cfg.sampling.max_new_tokens)
-    return models, params, frozen, (reference, ref)
+    return Loaded(models, params, frozen, (reference, ref), adapted)
 
 
 def sampling_config(cfg: OnPolicyConfig, tokenizer: Tokenizer, *, n: int = 1,
@@ -134,13 +162,15 @@ def sampling_config(cfg: OnPolicyConfig, tokenizer: Tokenizer, *, n: int = 1,
 
 
 def run_onpolicy(cfg: OnPolicyConfig, algo: OnPolicyAlgorithm, *, prep: Prepared,
-                 models: Models, params: dict, frozen: dict, reference, group_size: int,
-                 rewards: Rewards, algo_state=(), eval_rewards: Mapping[str, RewardFn],
-                 greedy_eval: bool, postfix: tuple[str, ...],
+                 loaded: Loaded, group_size: int, rewards: Rewards, algo_state=(),
+                 eval_rewards: Mapping[str, RewardFn], greedy_eval: bool,
+                 postfix: tuple[str, ...],
                  result_extra: Callable[[Any], dict] | None = None) -> dict:
     """Train with the engine (resumable), evaluate every ``loop.eval_every`` steps, export the
-    policy and write ``result.json`` (plus ``result_extra(state)``); returns the result plus
-    ``state``, ``models`` and the ``evaluator``."""
+    policy (merged, plus the adapter alone in ``adapter/`` with LoRA) and write
+    ``result.json`` (plus ``result_extra(state)``); returns the result plus ``state``,
+    ``models`` and the ``evaluator``."""
+    models, params, frozen, reference, adapted = loaded
     # written only now, after every data, config and model check: a refused start writes nothing
     prepare_run_dir(cfg, prep.run_dir)
     optimizer = make_optimizer(cfg.optimizer, cfg.loop.total_steps)
@@ -156,19 +186,23 @@ def run_onpolicy(cfg: OnPolicyConfig, algo: OnPolicyAlgorithm, *, prep: Prepared
             rm_fn = functools.partial(jax.jit(lambda p, *a: sequence_rewards(models.reward, p,
                                                                              *a)),
                                       engine.frozen["reward"])
+        ref_params = (models.reference_params(engine.frozen) if models.reference is not None
+                      else reference[1])
         evaluator = RolloutEval(
-            policy=models.policy, reference=reference[0],
-            ref_params=engine.frozen.get("reference", reference[1]),
+            policy=models.policy, reference=reference[0], ref_params=ref_params,
             tokenizer=prep.tokenizer, prompts=prep.eval_prompts, rows=prep.eval_rows,
             sampling=sampling_config(cfg, prep.tokenizer, greedy=greedy_eval),
             reward_fns=eval_rewards, device_rewards=rm_fn, seed=cfg.seed,
             time_limit=cfg.rewards.time_limit)
-        eval_fn = lambda s: evaluator(s.params["policy"])  # noqa: E731
+        eval_fn = lambda s: evaluator(models.policy_params(s.params, engine.frozen))  # noqa
     state, _ = train_loop(cfg.loop, run_dir=prep.run_dir, state=state, step_fn=engine.step,
                           data=prep.data, eval_fn=eval_fn, postfix=postfix,
                           logging=cfg.logging, hparams=config_dict(cfg))
-    result = finish_run(prep.run_dir, models.policy.config, state.params["policy"],
-                        prep.tokenizer, state, total_steps=cfg.loop.total_steps,
-                        generation=prep.generation, data=prep.data_report,
-                        **(result_extra(state) if result_extra else {}))
+    result = finish_run(prep.run_dir, models.policy.config,
+                        exported_params(adapted, state.params["policy"]), prep.tokenizer, state,
+                        total_steps=cfg.loop.total_steps, generation=prep.generation,
+                        data=prep.data_report, **(result_extra(state) if result_extra else {}))
+    if adapted is not None:
+        result["adapter_dir"] = export_adapter(os.path.join(prep.run_dir, "adapter"), adapted,
+                                               state.params["policy"])
     return result | {"state": state, "models": models, "evaluator": evaluator}

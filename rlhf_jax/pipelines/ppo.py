@@ -160,13 +160,12 @@ def run(cfg: PPOConfig, *, reward_fns: Mapping[str, RewardFn] | None = None,
     evaluation alongside the reward model's score and the KL to the reference."""
     prep = onpolicy.prepare(cfg, group_size=1)
     fns, weights = onpolicy.reward_functions(cfg, reward_fns, reward_weights)
-    models, params, frozen, reference = onpolicy.load_models(
-        cfg, prep, value_model=cfg.algorithm.value_model, use_reference=True)
+    loaded = onpolicy.load_models(cfg, prep, value_model=cfg.algorithm.value_model,
+                                  use_reference=True)
     rewards = onpolicy.engine_rewards(cfg, fns, weights)
     return onpolicy.run_onpolicy(
-        cfg, ppo_algorithm(cfg.algorithm, cfg.kl), prep=prep, models=models, params=params,
-        frozen=frozen,
-        reference=reference, group_size=1, rewards=rewards,
+        cfg, ppo_algorithm(cfg.algorithm, cfg.kl), prep=prep, loaded=loaded, group_size=1,
+        rewards=rewards,
         algo_state=kl_controller_init(cfg.kl.coef), eval_rewards=eval_rewards or {},
         greedy_eval=False, postfix=("reward", "kl"),
         result_extra=lambda s: {"kl_coef": float(np.asarray(s.algo.kl_coef))})

@@ -24,7 +24,7 @@ from rlhf_jax.pipelines.config import (ModelSpec, OptimizerConfig, SupervisedCon
 from rlhf_jax.pipelines.datasets import fixed_batches, load_pairs, row_length
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
-                                      make_mesh)
+                                      make_mesh, with_adapter)
 from rlhf_jax.pipelines.supervised import run_supervised, supervised_inputs
 from rlhf_jax.train.supervised import SupervisedTask
 from rlhf_jax.types import PreferenceBatch
@@ -96,6 +96,7 @@ def run(cfg: RewardModelConfig) -> dict:
     model, params = load_model(cfg.model, heads=("reward",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
     check_length_fits({"model": model.config}, row_length(train, evals))
+    model, params, adapted = with_adapter(cfg.model, model, params, seed=cfg.seed)
     # after every check above: a start refused for its config or data writes nothing
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
     loss_fn = make_reward_loss(model, margin=cfg.algorithm.margin,
@@ -103,7 +104,8 @@ def run(cfg: RewardModelConfig) -> dict:
     task = SupervisedTask(loss_fn=loss_fn, data=data, eval_batches=batches, eval_post=_with_std,
                           postfix=("loss", "rewards/accuracy"))
     return run_supervised(cfg, task, run_dir=run_dir, model=model, params=params,
-                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)
+                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report,
+                          adapted=adapted)
 
 
 if __name__ == "__main__":  # python -m rlhf_jax.pipelines.reward_model is `rlhf-jax reward-model`

@@ -15,8 +15,9 @@ from rlhf_jax import parallel
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.data.tokenizer import generation_config
 from rlhf_jax.fileio import atomic_write_json, check_inside
-from rlhf_jax.models import ModelConfig, save_hf_checkpoint
+from rlhf_jax.models import ModelConfig, save_hf_checkpoint, save_peft_adapter
 from rlhf_jax.pipelines.datasets import summarize_report
+from rlhf_jax.train.adapters import Adapted
 from rlhf_jax.train.checkpoint import check_writable
 from rlhf_jax.train.plots import plot_run
 
@@ -93,6 +94,23 @@ def export_model(directory: str, config: ModelConfig, params, tokenizer: Tokeniz
         save_hf_checkpoint(directory, config, host,
                            generation_config=generation_config(tokenizer, generation))
     parallel.barrier(f"export {directory}")  # the next stage, on every process, reads it
+    return directory
+
+
+def exported_params(adapted: Adapted | None, params):
+    """What ``model/`` holds: ``params``, or for a LoRA run (``params`` the trainable tree) the
+    base with the adapter merged in (``W + s A B``; a QLoRA base dequantised first)."""
+    return params if adapted is None else adapted.merged(params)
+
+
+def export_adapter(directory: str, adapted: Adapted, trainable) -> str:
+    """Write a LoRA run's adapter alone in PEFT's layout (``adapter_config.json`` +
+    ``adapter_model.safetensors``: ``peft.PeftModel.from_pretrained`` loads it on the base)."""
+    check_inside(os.path.dirname(os.path.abspath(directory)), directory, "the adapter directory")
+    host = parallel.fetch(adapted.adapter(trainable))
+    if parallel.is_main_process():
+        save_peft_adapter(directory, adapted.model, host)
+    parallel.barrier(f"export {directory}")
     return directory
 
 

@@ -15,10 +15,12 @@ import jax
 from rlhf_jax import parallel
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.data.tokenizer import check_compatible
-from rlhf_jax.models import ModelConfig, get_preset, init_model, load_hf_checkpoint, model_for
+from rlhf_jax.models import (Model, ModelConfig, get_preset, init_model, load_hf_checkpoint,
+                             load_peft_adapter, model_for)
 from rlhf_jax.models.hf import load_generation_config
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.pipelines.config import ModelSpec
+from rlhf_jax.train.adapters import adapt
 
 
 def load_tokenizer(given: str | None, field: str, spec: ModelSpec, *,
@@ -68,9 +70,13 @@ def base_generation(spec: ModelSpec) -> dict[str, Any]:
 
 
 def load_model(spec: ModelSpec, *, heads: tuple[str, ...], vocab_size: int, seed: int,
-               require: tuple[str, ...] = ()):
+               require: tuple[str, ...] = (), frozen: str | None = None):
     """``(Model, params)`` with exactly ``heads``; heads the checkpoint lacks start at zero,
-    except those in ``require`` (a scoring reward model's), which are an error."""
+    except those in ``require`` (a scoring reward model's), which are an error. ``frozen``:
+    the config field of a model the stage never trains (an adapter there is refused)."""
+    if frozen is not None and (spec.lora is not None or spec.adapter is not None):
+        raise ValueError(f"{frozen}.lora / {frozen}.adapter: the {frozen} model is frozen in "
+                         f"this stage; LoRA applies to the model it trains")
     if spec.path is not None:
         config, params = load_hf_checkpoint(spec.path, dtype=spec.dtype, heads=heads,
                                             require=require)
@@ -82,6 +88,22 @@ def load_model(spec: ModelSpec, *, heads: tuple[str, ...], vocab_size: int, seed
     config = get_preset(spec.preset, vocab_size=vocab_size, heads=heads,
                         **dict(spec.overrides), **extra)
     return init_model(config, jax.random.PRNGKey(seed))
+
+
+def with_adapter(spec: ModelSpec, model: Model, params, *, seed: int):
+    """``(model, params, adapted)`` to train: unchanged for full fine-tuning (``adapted`` None);
+    with ``spec.lora`` or ``spec.adapter`` the LoRA model, its trainable tree (a fresh adapter
+    or the PEFT one, plus any head) and the ``train.Adapted`` holding the frozen base."""
+    if spec.lora is None and spec.adapter is None:
+        return model, params, None
+    lora, adapter = spec.lora, None
+    if spec.adapter is not None:
+        quant = None if lora is None else lora.quantize_base
+        lm, adapter = load_peft_adapter(spec.adapter, model.config, quantize_base=quant)
+        lora = lm.lora
+    adapted, trainable = adapt(model, params, lora, jax.random.PRNGKey(seed + 0x10A),
+                               adapter=adapter)
+    return adapted.model, trainable, adapted
 
 
 def _too_long_for(models: Mapping[str, ModelConfig], need: int) -> tuple[str, int] | None:

@@ -20,7 +20,7 @@ from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConf
 from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch, row_length, row_unit
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
 from rlhf_jax.pipelines.setup import (base_generation, check_length_fits, load_model,
-                                      make_mesh)
+                                      make_mesh, with_adapter)
 from rlhf_jax.pipelines.supervised import run_supervised, supervised_inputs
 from rlhf_jax.train.supervised import SupervisedTask
 
@@ -56,6 +56,7 @@ def run(cfg: SFTConfig) -> dict:
     model, params = load_model(cfg.model, heads=("lm",), vocab_size=tokenizer.vocab_size,
                                seed=cfg.seed)
     check_length_fits({"model": model.config}, row_length(train, evals))
+    model, params, adapted = with_adapter(cfg.model, model, params, seed=cfg.seed)
     # after every check above: a start refused for its config or data writes nothing
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
 
@@ -67,7 +68,8 @@ def run(cfg: SFTConfig) -> dict:
                           postfix=("loss", "nll"),
                           tokens_in=lambda b: int(b.attention_mask.sum()))
     return run_supervised(cfg, task, run_dir=run_dir, model=model, params=params,
-                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report)
+                          tokenizer=tokenizer, mesh=mesh, generation=generation, data_report=report,
+                          adapted=adapted)
 
 
 if __name__ == "__main__":  # python -m rlhf_jax.pipelines.sft is `rlhf-jax sft`

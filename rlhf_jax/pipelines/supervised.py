@@ -3,12 +3,14 @@ stage's mesh, then the model exported and ``result.json`` written."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.pipelines.config import SupervisedConfig
-from rlhf_jax.pipelines.run_dir import config_dict, finish_run
+from rlhf_jax.pipelines.run_dir import config_dict, export_adapter, exported_params, finish_run
 from rlhf_jax.pipelines.setup import load_tokenizer, model_shardings
+from rlhf_jax.train.adapters import Adapted
 from rlhf_jax.train.supervised import SupervisedTask, fit
 
 
@@ -29,15 +31,22 @@ def supervised_inputs(cfg: SupervisedConfig, loader, field: str, spec, *,
 def run_supervised(cfg: SupervisedConfig, task: SupervisedTask, *, run_dir: str, model,
                    params, tokenizer: Tokenizer, mesh,
                    generation: Mapping[str, Any] | None = None,
-                   data_report: Mapping[str, dict] | None = None) -> dict:
+                   data_report: Mapping[str, dict] | None = None,
+                   adapted: Adapted | None = None) -> dict:
     """Train ``model`` on ``task`` (resumable), export it (``generation``: the base checkpoint's
     generation config, see ``run_dir.export_model``), write ``result.json`` (with
     ``data_report``: rows per data file, and those skipped or truncated); returns the result
-    plus the final ``state`` and the ``model``."""
+    plus the final ``state`` and the ``model``. With ``adapted`` (LoRA, ``setup.with_adapter``)
+    ``params`` is the trainable tree; the export is the merged model in ``model/`` plus the
+    adapter alone in PEFT's layout in ``adapter/``."""
+    base_sh = None if adapted is None else model_shardings(mesh, model.config, adapted.base)
     state = fit(cfg, task, run_dir=run_dir, params=params, mesh=mesh,
                 param_shardings=model_shardings(mesh, model.config, params),
-                hparams=config_dict(cfg))
-    result = finish_run(run_dir, model.config, state.params, tokenizer, state,
-                        total_steps=cfg.loop.total_steps, generation=generation,
+                hparams=config_dict(cfg), adapted=adapted, base_shardings=base_sh)
+    result = finish_run(run_dir, model.config, exported_params(adapted, state.params), tokenizer,
+                        state, total_steps=cfg.loop.total_steps, generation=generation,
                         data=dict(data_report or {}))
+    if adapted is not None:
+        result["adapter_dir"] = export_adapter(os.path.join(run_dir, "adapter"), adapted,
+                                               state.params)
     return result | {"state": state, "model": model}

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.data import Tokenizer, decode_completions
-from rlhf_jax.models import (Model, completion_values, score_completions, sequence_rewards)
+from rlhf_jax.models import (Model, combine, completion_values, score_completions,
+                             sequence_rewards)
 from rlhf_jax.ops import kl_k1, masked_mean
 from rlhf_jax.ops.stats import Mean
 from rlhf_jax.parallel import (batch_sharding, fetch, from_main, param_shardings, put,
@@ -70,9 +71,29 @@ class Models:
     """A separate value model (params ``"value"``); None with ``shared_values`` or no critic."""
     shared_values: bool = False
     """The value head sits on the policy."""
+    lora: bool = False
+    """The policy is a LoRA model (``train.adapters``): its trained params are the adapter (and
+    any head), its full params ``combine(frozen["base"], params["policy"])``."""
+    reference_of_base: Callable[[Any], Any] | None = None
+    """With ``lora``: the reference is the base with the adapter off, its params this function
+    of ``frozen["base"]`` (``Adapted.reference``); no second copy of the weights exists."""
 
     def configs(self) -> dict:
         return {k: m.config for k, m in vars(self).items() if isinstance(m, Model)}
+
+    def policy_params(self, params, frozen):
+        """The policy's full params from the trained ones (and the frozen base with LoRA)."""
+        return combine(frozen["base"], params["policy"]) if self.lora else params["policy"]
+
+    def reference_params(self, frozen):
+        """The reference's params: its own, or the adapter-off base."""
+        if self.reference_of_base is not None:
+            return self.reference_of_base(frozen["base"])
+        return frozen["reference"]
+
+    def frozen_config(self, name: str):
+        """The model config a frozen entry belongs to (``base``: the policy's)."""
+        return (self.policy if name == "base" else getattr(self, name)).config
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,17 +152,19 @@ def _rollout_fn(algo: OnPolicyAlgorithm, models: Models, sampling: SamplingConfi
 
     def rollout(state: TrainState, frozen, prompt, prompt_mask):
         params = state.params
-        out = sample(params["policy"], prompt, prompt_mask, step_key(state))
+        policy = models.policy_params(params, frozen)  # merge-free with LoRA
+        out = sample(policy, prompt, prompt_mask, step_key(state))
         args = (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
         old, entropy, values, metrics = out.logprobs, None, None, {}
         if algo.score_old:
-            pol = score_completions(models.policy, params["policy"], *args, temperature=temp,
+            pol = score_completions(models.policy, policy, *args, temperature=temp,
                                     entropy=algo.rollout_entropy, values=models.shared_values)
             old, entropy, values = pol.logprobs, pol.entropy, pol.values
             metrics["logprob_diff_sampler_trainer"] = masked_mean(
                 jnp.abs(out.logprobs - old), out.mask)
         ref = (None if models.reference is None else score_completions(
-            models.reference, frozen["reference"], *args, temperature=temp).logprobs)
+            models.reference, models.reference_params(frozen), *args,
+            temperature=temp).logprobs)
         if models.critic is not None:
             values = completion_values(models.critic, params["value"], *args)
         rm = (None if models.reward is None
@@ -156,10 +179,11 @@ def _rollout_fn(algo: OnPolicyAlgorithm, models: Models, sampling: SamplingConfi
 
 
 def _forward_fn(algo: OnPolicyAlgorithm, models: Models, temperature: float):
-    def forward(params, mb: Rollout) -> Forward:
+    def forward(params, frozen, mb: Rollout) -> Forward:
         args = (mb.prompt, mb.prompt_mask, mb.completion, mb.mask)
-        sc = score_completions(models.policy, params["policy"], *args, temperature=temperature,
-                               entropy=algo.loss_entropy, values=models.shared_values)
+        sc = score_completions(models.policy, models.policy_params(params, frozen), *args,
+                               temperature=temperature, entropy=algo.loss_entropy,
+                               values=models.shared_values)
         values = sc.values
         if models.critic is not None:
             values = completion_values(models.critic, params["value"], *args)
@@ -183,12 +207,12 @@ def _reward(ro: Rollout, host, rm, rewards: Rewards):
 
 def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimizer,
                temperature: float, group_size: int):
-    """``update(state, rollout, host rewards | None, reward-model scores | None) -> (state,
-    metrics)``."""
+    """``update(state, frozen, rollout, host rewards | None, reward-model scores | None) ->
+    (state, metrics)``."""
     forward = _forward_fn(algo, models, temperature)
 
-    def loss_fn(params, mb: Rollout, _key, algo_state):
-        fwd = forward(params, mb)
+    def loss_fn(params, frozen, mb: Rollout, _key, algo_state):
+        fwd = forward(params, frozen, mb)
         extra = {}
         if not algo.score_old:  # old_logp holds the sampler's: measure the gap, then reuse
             m = mb.mask
@@ -200,7 +224,7 @@ def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimi
         total, count, metrics = algo.loss(fwd, mb, algo_state)
         return total, count, metrics | extra
 
-    def update(state: TrainState, ro: Rollout, host, rm):
+    def update(state: TrainState, frozen, ro: Rollout, host, rm):
         reward, metrics = _reward(ro, host, rm, rewards)
         ro = ro._replace(rewards=reward)
         seq_kl = jnp.zeros(reward.shape, jnp.float32)
@@ -217,7 +241,7 @@ def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimi
         # the scan gathers only what a loss reads: the sampler's log-probs already sit in
         # old_logp when the policy is not scored again, and rewards are in the advantages
         params, opt_state, bad, up = minibatch_updates(
-            lambda p, mb, k: loss_fn(p, mb, k, state.algo), optimizer, state.params,
+            lambda p, mb, k: loss_fn(p, frozen, mb, k, state.algo), optimizer, state.params,
             state.opt_state, ro._replace(entropy=None, sampler_logp=None, rewards=None),
             jax.random.fold_in(step_key(state), 1), epochs=algo.epochs,
             num_minibatches=algo.num_minibatches)
@@ -271,13 +295,13 @@ class OnPolicyEngine:
     def _frozen_shardings(self, frozen) -> dict | None:
         if self.mesh is None:
             return None
-        return {k: param_shardings(getattr(self.models, k).config, v, self.mesh)
+        return {k: param_shardings(self.models.frozen_config(k), v, self.mesh)
                 for k, v in frozen.items()}
 
     def init(self, params: dict, frozen: dict, *, seed: int, algo_state=()) -> TrainState:
         """A fresh state (placed on the mesh), the frozen params placed, both steps compiled.
         ``params``: ``{"policy": ..., ["value": ...]}``; ``frozen``: ``{"reference": ...,
-        "reward": ...}`` for the models that are set."""
+        "reward": ...}`` for the models that are set, and ``"base"`` with LoRA."""
         state = create_train_state(params, self.optimizer, seed=seed, algo=algo_state)
         mesh = self.mesh
         if mesh is None:
@@ -296,7 +320,7 @@ class OnPolicyEngine:
         self.rollout_jit = jax.jit(self._rollout, in_shardings=(st_sh, fz_sh, self._prompts,
                                                                 self._prompts),
                                    out_shardings=(rows, rows, rep))
-        self.update_jit = jax.jit(self._update, in_shardings=(st_sh, rows, rows, rows),
+        self.update_jit = jax.jit(self._update, in_shardings=(st_sh, fz_sh, rows, rows, rows),
                                   out_shardings=(st_sh, rep), donate_argnums=(0,))
         self.frozen = put(frozen, fz_sh)
         return put(state, st_sh)
@@ -329,7 +353,7 @@ class OnPolicyEngine:
         tokens, mask = self._place((prompts.tokens, prompts.mask), self._prompts)
         ro, rm, metrics = self.rollout_jit(state, self.frozen, tokens, mask)
         host, means = self.host_rewards(ro, index)
-        state, up = self.update_jit(state, ro, host, rm)
+        state, up = self.update_jit(state, self.frozen, ro, host, rm)
         return state, metrics | up | means
 
 

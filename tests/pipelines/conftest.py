@@ -45,7 +45,7 @@ def sft_config(world_root: str, tokenizer: str, train_data: str, name: str, *, s
     data = DataConfig(train=train_data, max_length=48, packing=True, batch_size=8,
                       on_overflow="truncate")
     return sft.SFTConfig(data=data, tokenizer=tokenizer,
-                         output_dir=os.path.join(world_root, name), model=TINY,
+                         output_dir=os.path.join(world_root, name), model=kw.pop("model", TINY),
                          optimizer=SFT_OPT, loop=loop(steps), logging=LOG,
                          mesh=kw.pop("mesh", None), **kw)
 

@@ -1,6 +1,7 @@
 """Every training pipeline on every mesh shape of the 8 virtual devices gives the numbers of the
 single-device run: per-step losses and sample statistics, and the final parameters, to float32
-rounding (the sharded programs sum in another order).
+rounding (the sharded programs sum in another order). SFT and GRPO also train a LoRA adapter on
+the sharded frozen base (``*_lora``).
 
 The model has 8 query / 4 key-value heads and widths divisible by 8, so ``tensor`` really splits
 heads and the MLP (on ``tensor=8`` the 4 key/value heads fall back to replicated); ``fsdp``
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from rlhf_jax.models import LoraConfig
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.pipelines import (DataConfig, GenerationConfig, KLConfig, ModelSpec,
                                 OptimizerConfig, RewardConfig, distill, dpo, grpo, ppo,
@@ -69,6 +71,15 @@ def _configs(world) -> dict:
     }
 
 
+def _lora_configs(world) -> dict:
+    """SFT and GRPO training a LoRA adapter (rank 8) on the frozen, sharded base."""
+    lora = dataclasses.replace(MODEL, lora=LoraConfig(rank=8, alpha=16.0))
+    base = _configs(world)
+    return {f"{k}_lora": (fn, dataclasses.replace(
+        cfg, **{"model" if k == "sft" else "policy": lora})) for k, (fn, cfg) in base.items()
+        if k in ("sft", "grpo")}
+
+
 def _length(prompts, completions, **columns):
     return [len(c) / 10.0 for c in completions]
 
@@ -77,7 +88,7 @@ _BASELINES: dict = {}
 
 
 def _run(world, name: str, shape):
-    fn, cfg = _configs(world)[name]
+    fn, cfg = (_configs(world) | _lora_configs(world))[name]
     tag = "one" if shape is None else "x".join(map(str, shape))
     mesh = None if shape is None else MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2])
     out = fn(dataclasses.replace(cfg, mesh=mesh,
@@ -100,7 +111,8 @@ KEYS = ("loss", "grad_norm", "count", "nll", "rewards/accuracy", "kl", "policy/k
 @pytest.mark.parametrize("shape", [  # 2x2x2 uses every axis: CI; the others with -m slow
     pytest.param(s, id="x".join(map(str, s)), marks=() if s == (2, 2, 2) else pytest.mark.slow)
     for s in SHAPES])
-@pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "distill", "ppo", "grpo"])
+@pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "distill", "ppo", "grpo",
+                                  "sft_lora", "grpo_lora"])
 def test_pipeline_on_mesh_equals_one_device(world, name, shape):
     assert jax.device_count() == 8  # tests/conftest.py
     params1, rows1 = _baseline(world, name)
