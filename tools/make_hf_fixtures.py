@@ -23,6 +23,12 @@ Design choices, and why:
   (attention 1.0, final logits 2.0: the random logits reach them, so the caps change the
   outputs), ``query_pre_attn_scalar=24`` (not ``head_dim``). Gemma 3: q/k norms, window 6 on
   layer 0, local RoPE base 10^4 against a global 10^6 with linear scaling (factor 8), no caps.
+- Qwen3-MoE: 4 experts (width 32), top-2, ``norm_topk_prob=False`` (the weights are not
+  renormalised; Mixtral covers renormalisation), layer 0 dense by ``mlp_only_layers`` and layer 1
+  sparse, ``head_dim=32``, untied. Mixtral: 4 experts (width 32), top-2, every layer sparse,
+  ``sliding_window`` null as in Mixtral-8x7B. For these the smallest gap between the k-th and
+  (k+1)-th router logit over every token of both references is printed too: a near tie there
+  would route differently under float32 rounding.
 - Weights are rounded to bfloat16 and stored as bfloat16 to keep the fixtures small; the
   references are computed in float32 from exactly those rounded weights (bf16 -> f32 is exact),
   so the tests load with ``dtype="float32"`` and compare at 1e-4.
@@ -79,7 +85,16 @@ FAMILIES = {
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
                                             "rope_theta": 1000000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+        rms_norm_eps=1e-6, tie_word_embeddings=False, head_dim=32, use_sliding_window=False,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
+        mlp_only_layers=[0], decoder_sparse_step=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "mixtral": (transformers.MixtralConfig, dict(
+        rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None, num_local_experts=4,
+        num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
+MOE_WIDTH = {"mixtral": 32}  # Mixtral's experts are ``intermediate_size`` wide
 SHARDED = {"qwen2": "100KB"}
 SEEDS = {"phi3": 1}  # seed 0 gives a near tie (top-2 gap 2e-4) in phi3's greedy run
 NEW_TOKENS = 32
@@ -87,7 +102,7 @@ NEW_TOKENS = 32
 
 def build(family: str) -> transformers.PreTrainedModel:
     config_cls, extra = FAMILIES[family]
-    config = config_cls(**COMMON, **extra)
+    config = config_cls(**dict(COMMON, intermediate_size=MOE_WIDTH.get(family, 128)), **extra)
     torch.manual_seed(SEEDS.get(family, 0))
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
                                                           dtype=torch.float32)
@@ -108,6 +123,17 @@ def inputs() -> tuple[np.ndarray, np.ndarray]:
     mask[1, :4] = 0  # row 1 is left-padded
     ids[1, :4] = 0
     return ids, mask
+
+
+def router_gap(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Smallest k-th minus (k+1)-th router logit over the real tokens (inf for dense models)."""
+    k = getattr(model.config, "num_experts_per_tok", None)
+    if k is None:
+        return float("inf")
+    out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    real = torch.ones(ids.numel(), dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+    top = torch.stack([torch.topk(z, k + 1, dim=-1).values for z in out.router_logits])
+    return float((top[..., k - 1] - top[..., k])[:, real].min())
 
 
 def main(families: list[str]) -> None:
@@ -133,6 +159,8 @@ def main(families: list[str]) -> None:
             top2 = torch.topk(full, 2, dim=-1).values
             gap = float((top2[:, 0] - top2[:, 1]).min())
             agree = bool((full.argmax(-1) == new[0]).all())
+            routing = min(router_gap(model, torch.tensor(ids), torch.tensor(mask)),
+                          router_gap(model, gen))
         model.to(torch.bfloat16).save_pretrained(
             out, safe_serialization=True, max_shard_size=SHARDED.get(family, "50GB"))
         np.savez(out / "reference.npz", input_ids=ids.astype(np.int32),
@@ -142,7 +170,8 @@ def main(families: list[str]) -> None:
         size = sum(p.stat().st_size for p in out.iterdir())
         files = sorted(p.name for p in out.iterdir())
         print(f"{family}: {size / 1024:.0f} KiB {files}; greedy min top-2 gap {gap:.4f}; "
-              f"cache-free argmax agrees with generate: {agree}")
+              f"cache-free argmax agrees with generate: {agree}; router min k/k+1 gap "
+              f"{routing:.4f}")
         print(json.dumps({k: v for k, v in json.loads((out / 'config.json').read_text()).items()
                           if 'rope' in k or 'slid' in k or 'tie' in k or k == 'dtype'}))
 

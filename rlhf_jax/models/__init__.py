@@ -1,5 +1,5 @@
-"""Decoder-only transformer (Llama, Qwen2/3, Mistral, Phi-3, Gemma 2/3) as a params pytree plus
-pure functions."""
+"""Decoder-only transformer (Llama, Qwen2/3, Mistral, Phi-3, Gemma 2/3, Qwen3-MoE, Mixtral) as a
+params pytree plus pure functions."""
 
 from rlhf_jax.models.config import FAMILIES, HEADS, PRESETS, ModelConfig, RopeScaling, get_preset
 from rlhf_jax.models.transformer import (
@@ -9,11 +9,13 @@ from rlhf_jax.models.transformer import (
     abstract_params,
     init_model,
     model_for,
+    moe_aux_loss,
 )
 
 __all__ = [
     "FAMILIES", "HEADS", "PRESETS", "ModelConfig", "RopeScaling", "get_preset",
     "KVCache", "Model", "ModelOutput", "init_model", "model_for", "abstract_params",
+    "moe_aux_loss",
 ]
 from rlhf_jax.models.hf import load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
 __all__ += ["load_hf_checkpoint", "save_hf_checkpoint"]

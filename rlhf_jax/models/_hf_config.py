@@ -5,8 +5,14 @@ import the family sets them; on export a config whose switches differ from its f
 refused (it has no Hugging Face equivalent). Features a family cannot express (a sliding window
 on Qwen, soft-caps outside Gemma, ...) are refused the same way, naming the field. Defaults for
 keys a ``config.json`` leaves out are the transformers 5.24 class defaults (``head_dim`` 256 for
-Gemma, 128 for Qwen3, tied embeddings for Gemma, ...), so a sparse file reads as transformers
-reads it.
+Gemma, 128 for Qwen3, tied embeddings for Gemma, RoPE base 10^6 for Mixtral, ...), so a sparse
+file reads as transformers reads it.
+
+Mixtures of experts (HF ``configuration_qwen3_moe.py``, ``configuration_mixtral.py``): the expert
+count is ``num_experts`` or ``num_local_experts`` (transformers 5 aliases them and writes the
+latter for both), Mixtral's experts are ``intermediate_size`` wide with every layer sparse and
+renormalised top-k weights, Qwen3-MoE's are ``moe_intermediate_size`` wide with dense layers by
+``mlp_only_layers``/``decoder_sparse_step`` (``intermediate_size`` wide).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ FAMILY_HF = {
     "phi3": ("phi3", "Phi3ForCausalLM", "Phi3ForSequenceClassification"),
     "gemma2": ("gemma2", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification"),
+    "mixtral": ("mixtral", "MixtralForCausalLM", "MixtralForSequenceClassification"),
 }
 # Hugging Face architecture -> (family, head its checkpoint carries).
 ARCHITECTURES = {arch: (fam, head) for fam, (_, lm, cls) in FAMILY_HF.items()
@@ -32,18 +40,28 @@ GEMMA = ("gemma2", "gemma3")
 _GEMMA_TRAITS = dict(norm_unit_offset=True, sandwich_norms=True, scale_embeddings=True)
 TRAITS = {"llama": {}, "mistral": {}, "phi3": {}, "qwen2": dict(qkv_bias=True),
           "qwen3": dict(qk_norm=True), "gemma2": _GEMMA_TRAITS,
-          "gemma3": dict(_GEMMA_TRAITS, qk_norm=True)}
+          "gemma3": dict(_GEMMA_TRAITS, qk_norm=True), "qwen3_moe": dict(qk_norm=True),
+          "mixtral": {}}
 """The ``ModelConfig`` switches each family fixes (the rest of ``_TRAIT_FIELDS`` are False)."""
 _TRAIT_FIELDS = ("qkv_bias", "qk_norm", "norm_unit_offset", "sandwich_norms", "scale_embeddings")
-UNIFORM_WINDOW = ("mistral", "phi3")
+UNIFORM_WINDOW = ("mistral", "phi3", "mixtral")
 """Families whose ``sliding_window`` applies to every layer (per-layer: Gemma only)."""
 _HF_ACT = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 _OUR_ACT = {v: k for k, v in _HF_ACT.items()}
 _DEFAULT_HEAD_DIM = {"qwen3": 128, "gemma2": 256, "gemma3": 256}
 _GEMMA_IDS = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
 _DEFAULT_IDS = {"phi3": {"bos_token_id": 1, "eos_token_id": 32000, "pad_token_id": 32000},
-                "gemma2": _GEMMA_IDS, "gemma3": _GEMMA_IDS}
+                "gemma2": _GEMMA_IDS, "gemma3": _GEMMA_IDS,
+                "mixtral": {"bos_token_id": 1, "eos_token_id": 2}}
 """transformers' class defaults for token ids a ``config.json`` leaves out (others: None)."""
+_DEFAULT_THETA = {"gemma3": 1_000_000.0, "mixtral": 1_000_000.0}
+_DEFAULT_EPS = {"phi3": 1e-5, "mixtral": 1e-5}
+MOE = ("qwen3_moe", "mixtral")
+_DEFAULT_MOE = {"qwen3_moe": dict(intermediate_size=6144, max_position_embeddings=32768,
+                                  num_experts=128, num_experts_per_tok=8),
+                "mixtral": dict(intermediate_size=14336, max_position_embeddings=131072,
+                                num_experts=8, num_experts_per_tok=2)}
+"""transformers' class defaults of the mixture-of-experts families (others: required keys)."""
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -84,7 +102,7 @@ def _rope(hf: dict, family: str) -> tuple[float, RopeScaling | None, float | Non
     nests one object per layer type) or top-level ``rope_theta``/``rope_scaling`` (and Gemma 3's
     ``rope_local_base_freq``) of earlier releases."""
     params = hf.get("rope_parameters")
-    default = 1_000_000.0 if family == "gemma3" else 10000.0
+    default = _DEFAULT_THETA.get(family, 10000.0)
     if family == "gemma3" and isinstance(params, dict) and set(params) & set(LAYER_TYPES):
         theta, scaling = _rope_of(params.get("full_attention") or {},
                                   "rope_parameters.full_attention", default)
@@ -150,6 +168,27 @@ def _activation(hf: dict, family: str) -> str:
     return _HF_ACT[value]
 
 
+def _experts(hf: dict, family: str) -> dict:
+    """The ``ModelConfig`` mixture-of-experts fields of a ``qwen3_moe``/``mixtral`` config."""
+    counts = {hf[k] for k in ("num_experts", "num_local_experts") if hf.get(k) is not None}
+    if len(counts) > 1:
+        raise unsupported("num_experts/num_local_experts", sorted(counts), "they must agree")
+    default = _DEFAULT_MOE[family]
+    out = dict(num_experts=counts.pop() if counts else default["num_experts"],
+               num_experts_per_tok=hf.get("num_experts_per_tok", default["num_experts_per_tok"]),
+               router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+    if family == "mixtral":
+        if hf.get("router_jitter_noise"):
+            raise unsupported("router_jitter_noise", hf["router_jitter_noise"],
+                              "router noise is not modelled; set it to 0.0")
+        return dict(out, moe_intermediate_size=hf.get("intermediate_size",
+                                                      default["intermediate_size"]))
+    return dict(out, moe_intermediate_size=hf.get("moe_intermediate_size", 768),
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+                mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()))
+
+
 def _dtype_name(dtype, field: str) -> str:
     name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in DTYPES:
@@ -199,17 +238,21 @@ def config_from_hf(hf: dict, *, dtype=None, heads: tuple[str, ...] | None = None
     window, layer_types = _layers(hf, family, n)
     return ModelConfig(
         family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=n, num_heads=num_heads,
+        intermediate_size=hf["intermediate_size"] if family not in MOE else hf.get(
+            "intermediate_size", _DEFAULT_MOE[family]["intermediate_size"]),
+        num_layers=n, num_heads=num_heads,
         num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         head_dim=hf.get("head_dim", _DEFAULT_HEAD_DIM.get(family)), rope_theta=theta,
         rope_scaling=scaling, rope_local_theta=local,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", _DEFAULT_EPS.get(family, 1e-6))),
         tie_embeddings=bool(hf.get("tie_word_embeddings", family in GEMMA)),
         sliding_window=window, layer_types=layer_types, mlp_activation=_activation(hf, family),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        max_position_embeddings=hf.get("max_position_embeddings", _DEFAULT_MOE.get(
+            family, {}).get("max_position_embeddings", 2048)),
         param_dtype=name, dtype=name, heads=tuple(heads),
         **{f: TRAITS[family].get(f, False) for f in _TRAIT_FIELDS},
-        **(_gemma_fields(hf, family) if family in GEMMA else {}))
+        **(_gemma_fields(hf, family) if family in GEMMA else {}),
+        **(_experts(hf, family) if family in MOE else {}))
 
 
 def _check_exportable(c: ModelConfig) -> None:
@@ -232,6 +275,22 @@ def _check_exportable(c: ModelConfig) -> None:
                              f"{c.family!r}")
     if c.family == "phi3" and c.rope_scaling is not None:
         raise ValueError("family 'phi3' is exported with plain RoPE only (rope_scaling=None)")
+    _check_experts_exportable(c)
+
+
+def _check_experts_exportable(c: ModelConfig) -> None:
+    if (c.family in MOE) != bool(c.num_experts):
+        raise ValueError(f"family={c.family!r} with num_experts={c.num_experts} has no Hugging "
+                         f"Face equivalent (experts are exported for families {MOE} only, and "
+                         f"those need num_experts > 0)")
+    if c.family != "mixtral":
+        return
+    want = dict(norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(),
+                intermediate_size=c.expert_size)
+    for field, value in want.items():
+        if getattr(c, field) != value:
+            raise ValueError(f"family 'mixtral' needs {field}={value!r} (every layer sparse, "
+                             f"renormalised, one MLP width), got {getattr(c, field)!r}")
 
 
 def _rope_dict(theta: float, scaling: RopeScaling | None) -> dict:
@@ -270,16 +329,30 @@ def _family_to_hf(c: ModelConfig) -> dict:
             "attn_logit_softcapping": c.attn_logit_softcap,
             "final_logit_softcapping": c.final_logit_softcap,
             "use_bidirectional_attention": False}
-    hf = {"hidden_act": act}
-    if c.head_dim is not None or c.family == "qwen3":
+    hf = {"hidden_act": act, **_experts_to_hf(c)}
+    if c.head_dim is not None or c.family in ("qwen3", "qwen3_moe"):
         hf["head_dim"] = c.dim_per_head
     if c.family in ("qwen2", "qwen3"):
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_layers)
-    if c.family != "qwen2":
+    if c.family == "qwen3_moe":
+        hf.update(use_sliding_window=False, sliding_window=None, attention_bias=False)
+    elif c.family not in ("qwen2", "mixtral"):
         hf.update(attention_bias=False, mlp_bias=False)
     if c.family in UNIFORM_WINDOW:
         hf["sliding_window"] = c.sliding_window
     return hf
+
+
+def _experts_to_hf(c: ModelConfig) -> dict:
+    if c.family not in MOE:
+        return {}
+    hf = {"num_experts_per_tok": c.num_experts_per_tok, "output_router_logits": False,
+          "router_aux_loss_coef": c.router_aux_loss_coef}
+    if c.family == "mixtral":  # the experts are ``intermediate_size`` wide
+        return dict(hf, num_local_experts=c.num_experts, router_jitter_noise=0.0)
+    return dict(hf, num_experts=c.num_experts, moe_intermediate_size=c.expert_size,
+                norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=c.decoder_sparse_step,
+                mlp_only_layers=list(c.mlp_only_layers))
 
 
 def config_to_hf(config: ModelConfig) -> dict:

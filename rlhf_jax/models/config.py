@@ -1,4 +1,5 @@
-"""Model configuration for one decoder covering Llama, Qwen2/3, Mistral, Gemma 2/3 and Phi-3.
+"""Model configuration for one decoder covering Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3 and the
+mixtures of experts Qwen3-MoE and Mixtral.
 
 One frozen dataclass covers the families; each is a setting of a few switches over the same
 pre-norm decoder (``models.layers``):
@@ -14,6 +15,9 @@ gemma2    ``(1 + w)`` RMSNorm in float32, norms before *and* after attention and
           attention and final logits, alternating sliding / global layers
 gemma3    Gemma 2 with ``qk_norm`` instead of the attention cap, and a separate RoPE base
           (``rope_local_theta``) for the sliding layers
+qwen3_moe Qwen3 with ``num_experts`` SwiGLU experts (``models.moe.MoEMLP``) in the sparse layers
+          (``decoder_sparse_step``, ``mlp_only_layers``; the others keep the dense MLP)
+mixtral   Mistral with a mixture of experts in every layer (top-k weights renormalised)
 ========  ================================================================================
 
 Field names follow Hugging Face's ``config.json`` where one exists, so ``models.hf`` maps them
@@ -25,7 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3", "qwen3_moe",
+            "mixtral")
 ACTIVATIONS = ("silu", "gelu_tanh")
 """MLP gate activations: SiLU (SwiGLU) and tanh-approximated GELU (GeGLU, HF
 ``gelu_pytorch_tanh``)."""
@@ -33,6 +38,8 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 """Per-layer attention kinds, spelled as Hugging Face's ``layer_types``."""
 ROPE_TYPES = ("llama3", "linear")
 """``RopeScaling.rope_type`` values (HF ``rope_type``; plain RoPE is ``rope_scaling=None``)."""
+MLP_KINDS = ("dense", "moe")
+"""Per-layer feed-forward kinds (keys of ``layers.MLPS``): the gated MLP or a mixture of experts."""
 HEADS = ("lm", "value", "reward")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -63,7 +70,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Decoder-only transformer: RMSNorm, RoPE, grouped-query attention, gated MLP."""
+    """Decoder-only transformer: RMSNorm, RoPE, grouped-query attention, gated MLP or mixture of
+    experts."""
 
     family: str = "llama"
     """One of ``FAMILIES``; chooses the Hugging Face architecture on export."""
@@ -116,6 +124,20 @@ class ModelConfig:
     """Gemma 2: attention scores become ``cap * tanh(scores / cap)`` before the mask."""
     final_logit_softcap: float | None = None
     """Gemma 2: next-token logits become ``cap * tanh(logits / cap)`` (float32)."""
+    num_experts: int = 0
+    """Experts per mixture-of-experts layer (HF ``num_experts``/``num_local_experts``); 0: dense."""
+    num_experts_per_tok: int = 2
+    """Experts each token is routed to (top-k), in ``[1, num_experts]``."""
+    moe_intermediate_size: int | None = None
+    """One expert's SwiGLU hidden width (None: ``intermediate_size``)."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k routing weights to sum to 1 (Mixtral always; Qwen3-MoE's flag)."""
+    router_aux_loss_coef: float = 0.001
+    """Weight of the load-balancing auxiliary loss (``moe.moe_aux_loss``) in training."""
+    decoder_sparse_step: int = 1
+    """Qwen3-MoE: layer ``i`` is sparse when ``(i + 1) % decoder_sparse_step == 0``..."""
+    mlp_only_layers: tuple[int, ...] = ()
+    """... and ``i`` is not in ``mlp_only_layers`` (these keep the dense MLP)."""
     max_position_embeddings: int = 2048
     """Longest context the model supports (cache sizes are checked against it)."""
     param_dtype: str = "float32"
@@ -146,6 +168,7 @@ class ModelConfig:
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError("sliding_window must be >= 1 or None")
         self._check_layers()
+        self._check_experts()
         if self.mlp_activation not in ACTIVATIONS:
             raise ValueError(f"mlp_activation must be one of {ACTIVATIONS}, got "
                              f"{self.mlp_activation!r}")
@@ -168,15 +191,42 @@ class ModelConfig:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is "
                              "None; give the window size")
 
+    def _check_experts(self):
+        layers = self.mlp_only_layers
+        if not isinstance(layers, tuple) or len(set(layers)) != len(layers) or not all(
+                isinstance(i, int) and 0 <= i < self.num_layers for i in layers):
+            raise ValueError(f"mlp_only_layers must be a tuple of distinct layer indices in "
+                             f"[0, {self.num_layers}), got {layers!r}")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        if self.moe_intermediate_size is not None and self.moe_intermediate_size < 1:
+            raise ValueError("moe_intermediate_size must be >= 1 or None")
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0 (0: dense), got {self.num_experts}")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                             f"[1, num_experts={self.num_experts}]")
+        if self.num_experts and self.mlp_activation != "silu":
+            raise ValueError("mixture-of-experts layers are SwiGLU: mlp_activation must be 'silu'")
+
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
     @property
-    def mlp_kind(self) -> str:
-        """Key of ``layers.MLPS`` building each block's MLP (the slot a mixture of experts
-        plugs into)."""
-        return "dense"
+    def expert_size(self) -> int:
+        """One expert's hidden width ``F`` (``moe_intermediate_size`` or ``intermediate_size``)."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def mlp_kinds(self) -> tuple[str, ...]:
+        """Per layer, the key of ``layers.MLPS`` building its MLP: ``moe`` where a layer is
+        sparse (HF ``Qwen3MoeDecoderLayer``: ``num_experts > 0``, ``(i + 1) %
+        decoder_sparse_step == 0`` and ``i`` not in ``mlp_only_layers``), else ``dense``."""
+        return tuple("moe" if self.num_experts and (i + 1) % self.decoder_sparse_step == 0
+                     and i not in self.mlp_only_layers else "dense"
+                     for i in range(self.num_layers))
 
     def layer_is_sliding(self) -> tuple[bool, ...]:
         """Per layer: does it attend through ``sliding_window`` (see ``layer_types``)."""
@@ -193,9 +243,10 @@ class ModelConfig:
         attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
         if self.qkv_bias:
             attn += h * (self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * d * f + 2 * d * (1 + self.sandwich_norms)
-        per_layer += 2 * h * self.qk_norm
-        n = self.num_layers * per_layer + v * d + d
+        per_layer = attn + 2 * d * (1 + self.sandwich_norms) + 2 * h * self.qk_norm
+        moe = d * self.num_experts + 3 * self.num_experts * d * self.expert_size  # router, experts
+        n = sum(per_layer + (moe if kind == "moe" else 3 * d * f) for kind in self.mlp_kinds())
+        n += v * d + d
         if "lm" in self.heads and not self.tie_embeddings:
             n += v * d
         n += (d + 1) * ("value" in self.heads) + d * ("reward" in self.heads)  # reward: no bias
@@ -258,6 +309,18 @@ PRESETS: dict[str, ModelConfig] = {
                           for i in range(26)),
         rope_theta=1000000.0, rope_local_theta=10000.0, query_pre_attn_scalar=256,
         qk_norm=True, max_position_embeddings=32768, **_GEMMA),
+    # Qwen3-30B-A3B's architecture (30.5B parameters, 3.3B active: 8 of 128 experts per token).
+    "qwen3-30b-a3b": ModelConfig(
+        family="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, qk_norm=True, num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, norm_topk_prob=True, max_position_embeddings=40960),
+    # Mixtral-8x7B's architecture (46.7B parameters, 12.9B active: 2 of 8 experts per token).
+    "mixtral-8x7b": ModelConfig(
+        family="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=1000000.0, rms_norm_eps=1e-5,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336,
+        max_position_embeddings=32768),
 }
 
 

@@ -1,5 +1,5 @@
 """Hugging Face checkpoint import and export (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2,
-Gemma 3 text; safetensors only).
+Gemma 3 text, Qwen3-MoE, Mixtral; safetensors only).
 
 ``load_hf_checkpoint(dir)`` reads ``config.json`` and ``model.safetensors`` (or the shards named
 by ``model.safetensors.index.json``) and returns ``(ModelConfig, params)`` for
@@ -13,7 +13,13 @@ into ``config.json``.
 Layout: torch ``Linear`` weights are ``[out, in]`` and are transposed to our ``[in, out]``
 kernels; embeddings and norms are copied. Phi-3's fused ``qkv_proj`` (rows q, k, v) and
 ``gate_up_proj`` (rows gate, up) are split into our separate projections on import and
-concatenated back on export (exact both ways). ``*ForSequenceClassification`` with one label maps to
+concatenated back on export (exact both ways). Mixture-of-experts layers (``models.moe``)
+read the per-expert tensors ``save_pretrained`` writes and the Hub holds (Qwen3-MoE
+``mlp.experts.{e}.{gate,up,down}_proj``, Mixtral ``block_sparse_moe.experts.{e}.w{1,3,2}``, each
+``[out, in]``) into stacked ``[E, in, out]`` experts, and the router ``gate.weight [E, D]``
+into ``router/kernel [D, E]`` (HF ``modeling_qwen3_moe.py``, ``modeling_mixtral.py``;
+transformers 5's in-memory fused ``gate_up_proj`` is not a file layout and is not read here).
+``*ForSequenceClassification`` with one label maps to
 ``heads=("reward",)`` through ``score.weight`` (``[1, D]``, no bias). The value head has no
 Hugging Face equivalent: it is stored next to the weights in ``value_head.safetensors``
 (``value_head.weight [1, D]``, ``value_head.bias [1]``, torch layout) and loaded when present.
@@ -38,6 +44,7 @@ import numpy as np
 from rlhf_jax.models import _hf_io as io
 from rlhf_jax.models._hf_config import ARCHITECTURES, GEMMA, config_from_hf, config_to_hf
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.moe import HF_EXPERT_NAMES
 from rlhf_jax.models.transformer import abstract_params
 
 __all__ = ["ARCHITECTURES", "TOKEN_ID_KEYS", "config_from_hf", "config_to_hf",
@@ -56,10 +63,18 @@ class _Slot(NamedTuple):
     name: str
     transpose: bool
     rows: tuple[int, int] | None = None
+    experts: int = 0
+    """> 0: ``name`` holds ``{e}``; our param stacks those ``experts`` tensors on a new axis 0."""
+
+    def names(self) -> list[str]:
+        """The checkpoint tensors this slot reads (one per expert for stacked experts)."""
+        return [self.name.format(e=e) for e in range(self.experts)] if self.experts else [
+            self.name]
 
 
 def _layer_names(config: ModelConfig, i: int) -> dict[tuple, _Slot]:
-    """Block ``i``'s params; Phi-3 stores q/k/v and gate/up fused (``_Slot.rows``)."""
+    """Block ``i``'s params; Phi-3 stores q/k/v and gate/up fused (``_Slot.rows``), a
+    mixture of experts one tensor per expert (``_Slot.experts``)."""
     p, ours, m = f"model.layers.{i}.", ("layers", i), {}
     k, f = config.dim_per_head, config.intermediate_size
     sizes = {"q": config.num_heads * k, "k": config.num_kv_heads * k, "v": config.num_kv_heads * k}
@@ -74,7 +89,10 @@ def _layer_names(config: ModelConfig, i: int) -> dict[tuple, _Slot]:
             m[attn + ("kernel",)] = _Slot(f"{hf}.weight", True)
         if config.qkv_bias and n != "o":
             m[attn + ("bias",)] = _Slot(f"{hf}.bias", False)
-    for n in ("gate", "up", "down"):
+    sparse = config.mlp_kinds()[i] == "moe"
+    if sparse:
+        m.update(_moe_names(config, i))
+    for n in () if sparse else ("gate", "up", "down"):
         path = ours + ("mlp", f"{n}_proj", "kernel")
         if config.family == "phi3" and n != "down":
             rows = (0, f) if n == "gate" else (f, 2 * f)
@@ -93,6 +111,17 @@ def _layer_names(config: ModelConfig, i: int) -> dict[tuple, _Slot]:
         for n in ("q", "k"):
             m[ours + ("attn", f"{n}_norm", "weight")] = _Slot(f"{p}self_attn.{n}_norm.weight",
                                                               False)
+    return m
+
+
+def _moe_names(config: ModelConfig, i: int) -> dict[tuple, _Slot]:
+    """Block ``i``'s mixture of experts: the router and one tensor per expert and projection."""
+    p = f"model.layers.{i}.{'block_sparse_moe' if config.family == 'mixtral' else 'mlp'}"
+    ours, e = ("layers", i, "mlp"), config.num_experts
+    m = {ours + ("router", "kernel"): _Slot(f"{p}.gate.weight", True)}
+    for n, hf in zip(("gate", "up", "down"), HF_EXPERT_NAMES.get(config.family, (
+            "gate_proj", "up_proj", "down_proj"))):
+        m[ours + (f"{n}_proj",)] = _Slot(f"{p}.experts.{{e}}.{hf}.weight", True, experts=e)
     return m
 
 
@@ -171,7 +200,7 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, dtype=None,
     zero_init = _check_tensor_names(root, config, tensors, names, require)
     target = jnp.dtype(config.param_dtype)
     expected = _hf_shapes(names, shapes)
-    for name in {slot.name for slot in names.values()} - zero_init:
+    for name in {n for slot in names.values() for n in slot.names()} - zero_init:
         if tuple(tensors[name].shape) != expected[name]:
             raise ValueError(f"tensor {name!r} has shape {list(tensors[name].shape)}, expected "
                              f"{list(expected[name])} for this config")
@@ -180,9 +209,14 @@ def load_hf_checkpoint(directory: str | os.PathLike, *, dtype=None,
         if slot.name in zero_init:
             flat[path] = jnp.zeros(tuple(shapes[path].shape), target)
             continue
-        value = tensors[slot.name]
-        value = value if slot.rows is None else value[slot.rows[0]:slot.rows[1]]
-        flat[path] = jnp.asarray((value.T if slot.transpose else value).astype(target))
+        if slot.experts:  # one [out, in] tensor per expert -> [E, in, out]
+            value = np.stack([tensors[n].T if slot.transpose else tensors[n]
+                              for n in slot.names()])
+        else:
+            value = tensors[slot.name]
+            value = value if slot.rows is None else value[slot.rows[0]:slot.rows[1]]
+            value = value.T if slot.transpose else value
+        flat[path] = jnp.asarray(value.astype(target))
     return config, _nest(flat)
 
 
@@ -190,11 +224,11 @@ def _hf_shapes(names: dict[tuple, _Slot], shapes: dict) -> dict[str, tuple[int, 
     """Each checkpoint tensor's expected shape (torch layout); a fused one spans all its rows."""
     out: dict[str, tuple[int, ...]] = {}
     for path, slot in names.items():
-        want = tuple(shapes[path].shape)
+        want = tuple(shapes[path].shape)[1 if slot.experts else 0:]  # one expert's
         hf = want[::-1] if slot.transpose else want
         if slot.rows is not None:
             hf = (max(out.get(slot.name, (0,))[0], slot.rows[1]),) + hf[1:]
-        out[slot.name] = hf
+        out.update(dict.fromkeys(slot.names(), hf))
     return out
 
 
@@ -202,7 +236,7 @@ def _check_tensor_names(root, config: ModelConfig, tensors: dict, names: dict[tu
                         require: tuple[str, ...]) -> set[str]:
     """Every expected tensor present, every stored one used; returns the head tensors that
     start at zero (requested, not stored, not in ``require``)."""
-    wanted = {slot.name for slot in names.values()}
+    wanted = {n for slot in names.values() for n in slot.names()}
     skipped = {"lm_head.weight"} if "lm" not in config.heads else set()
     skipped |= {"score.weight"} if "reward" not in config.heads else set()
     if config.tie_embeddings and "lm_head.weight" in tensors and "lm" in config.heads:
@@ -302,7 +336,12 @@ def _export_tensors(config: ModelConfig, params: dict) -> tuple[dict, dict]:
         if value.shape != tuple(shapes[path].shape):
             raise ValueError(f"param {path} has shape {value.shape}, expected "
                              f"{tuple(shapes[path].shape)}")
-        value = (value.T if slot.transpose else value).astype(target)
+        value = value.astype(target)
+        if slot.experts:  # [E, in, out] -> one [out, in] tensor per expert
+            for name, expert in zip(slot.names(), value):
+                parts[name] = [(0, expert.T if slot.transpose else expert)]
+            continue
+        value = value.T if slot.transpose else value
         parts.setdefault(slot.name, []).append((0 if slot.rows is None else slot.rows[0], value))
     weights, value_head = {}, {}
     for name, pieces in parts.items():  # fused tensors: the pieces in row order

@@ -5,7 +5,9 @@ variant (see ``models.config``), so one block serves every family.
 References: Llama (Touvron et al., 2023; HF ``modeling_llama.py``), Qwen3 (HF
 ``modeling_qwen3.py``: q/k norm), Gemma 2 (Gemma Team, 2024; HF ``modeling_gemma2.py``: soft-caps,
 sandwich norms, ``(1 + w)`` RMSNorm), Gemma 3 (HF ``modeling_gemma3.py``), Phi-3 (HF
-``modeling_phi3.py``: Llama's maths with fused projections in the checkpoint).
+``modeling_phi3.py``: Llama's maths with fused projections in the checkpoint), Qwen3-MoE and
+Mixtral (HF ``modeling_qwen3_moe.py``, ``modeling_mixtral.py``: ``models.moe.MoEMLP`` in place of
+the MLP of the sparse layers).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.moe import MoEMLP
 from rlhf_jax.models.rope import apply_rope
 from rlhf_jax.ops.logprobs import NEG_INF
 
@@ -140,9 +143,19 @@ class GatedMLP(nnx.Module):
         return self.down_proj(ACTIVATION_FNS[self.act](self.gate_proj(x)) * self.up_proj(x))
 
 
-MLPS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {"dense": GatedMLP}
-"""``ModelConfig.mlp_kind`` -> the block's feed-forward module (a mixture of experts is one
-more entry taking the same ``(cfg, rngs)`` and mapping ``[B, T, D] -> [B, T, D]``)."""
+def moe_mlp(cfg: ModelConfig, rngs: nnx.Rngs) -> MoEMLP:
+    """The config's mixture of experts (``models.moe.MoEMLP``): ``[B, T, D] -> ([B, T, D],
+    router logits [B*T, E])``."""
+    return MoEMLP(hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.expert_size,
+                  num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok,
+                  norm_topk_prob=cfg.norm_topk_prob, dtype=_dtype(cfg.dtype),
+                  param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
+
+
+MLPS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {"dense": GatedMLP,
+                                                                  "moe": moe_mlp}
+"""``ModelConfig.mlp_kinds()`` entry -> the block's feed-forward module, taking ``(cfg, rngs)``.
+``dense`` maps ``[B, T, D] -> [B, T, D]``; ``moe`` also returns its router logits."""
 
 
 class Block(nnx.Module):
@@ -156,18 +169,23 @@ class Block(nnx.Module):
     ``post_feedforward_layernorm``.
     """
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, mlp_kind: str = "dense"):
         self.input_norm = _norm(cfg, cfg.hidden_size)
         self.attn = Attention(cfg, rngs)
         self.post_attn_norm = _norm(cfg, cfg.hidden_size)
-        self.mlp = MLPS[cfg.mlp_kind](cfg, rngs)
+        self.mlp = MLPS[mlp_kind](cfg, rngs)
+        self.sparse = mlp_kind == "moe"
         self.sandwich = cfg.sandwich_norms
         if cfg.sandwich_norms:
             self.attn_out_norm = _norm(cfg, cfg.hidden_size)
             self.mlp_out_norm = _norm(cfg, cfg.hidden_size)
 
     def __call__(self, x, positions, inv_freq, allowed, kv=None, index=None):
+        """``(x, kv, router_logits)``; the logits ``[B*T, E]`` (float32) of a mixture-of-experts
+        layer, None for a dense one."""
         h, kv = self.attn(self.input_norm(x), positions, inv_freq, allowed, kv, index)
         x = x + (self.attn_out_norm(h) if self.sandwich else h)
-        h = self.mlp(self.post_attn_norm(x))
-        return x + (self.mlp_out_norm(h) if self.sandwich else h), kv
+        h, router_logits = self.mlp(self.post_attn_norm(x)), None
+        if self.sparse:
+            h, router_logits = h
+        return x + (self.mlp_out_norm(h) if self.sandwich else h), kv, router_logits

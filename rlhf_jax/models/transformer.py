@@ -1,5 +1,5 @@
-"""Decoder-only transformer (Llama, Qwen2/3, Mistral, Phi-3, Gemma 2/3) in Flax NNX, exposed as
-pure functions.
+"""Decoder-only transformer (Llama, Qwen2/3, Mistral, Phi-3, Gemma 2/3, Qwen3-MoE, Mixtral) in
+Flax NNX, exposed as pure functions.
 
 The training code never holds a Flax module: ``init_model`` returns a ``Model`` (config plus the
 NNX graph definition, both static) and a params pytree (a nested dict of arrays), and every
@@ -14,6 +14,12 @@ mask, and one RoPE table per layer kind (Gemma 3's local base), each layer picki
 per shape. The blocks live in ``models.layers``. The KV cache is a pytree
 (``KVCache``) updated with ``dynamic_update_slice`` so a jitted decode step with donated buffers
 updates it in place.
+
+Mixture-of-experts layers (``ModelConfig.mlp_kinds()``, a static per-layer choice) route each
+token on its own, so prefill, a decode step and a training forward route alike. Their router
+logits come back in ``ModelOutput.router_logits`` (``[L_moe, B*T, E]``, float32) on every call:
+unused, XLA drops them; the training loss adds ``moe_aux_loss(model, output, attention_mask)``
+(Switch Transformer load balancing, HF ``load_balancing_loss_func`` in ``modeling_mixtral.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.layers import Block, RMSNorm, linear, softcap
+from rlhf_jax.models.moe import load_balancing_loss, route
 from rlhf_jax.models.rope import inverse_frequencies
 from rlhf_jax.ops.masks import last_token_index
 
@@ -42,8 +49,13 @@ class KVCache(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
+    """Final hidden states; the updated cache (with one); the router logits of the
+    mixture-of-experts layers in layer order, ``[L_moe, B*T, E]`` float32 (None for a dense
+    model), rows in ``tokens.reshape(-1)`` order."""
+
     hidden: Float[Array, "B T D"]
     cache: KVCache | None
+    router_logits: Float[Array, "Lm N E"] | None = None
 
 
 class Transformer(nnx.Module):
@@ -52,7 +64,7 @@ class Transformer(nnx.Module):
         self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
                                param_dtype=pd, embedding_init=nnx.initializers.normal(0.02),
                                rngs=rngs)
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([Block(cfg, rngs, kind) for kind in cfg.mlp_kinds()])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, cfg.norm_unit_offset)
         if "lm" in cfg.heads and not cfg.tie_embeddings:
             self.lm_head = linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs)
@@ -63,7 +75,8 @@ class Transformer(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, tokens, positions, allowed: tuple, cache: KVCache | None):
-        """``allowed``: the ``(full, sliding)`` masks ``[B, T, S]`` (None for an unused kind)."""
+        """``(hidden, cache, router_logits)``; ``allowed``: the ``(full, sliding)`` masks
+        ``[B, T, S]`` (None for an unused kind)."""
         cfg = self.cfg
         inv_freq = inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
         # Gemma 3: the sliding layers use plain RoPE with their own base.
@@ -72,22 +85,25 @@ class Transformer(nnx.Module):
         x = self.embed(tokens)
         if cfg.scale_embeddings:  # HF Gemma: the normaliser is cast to the activations' dtype
             x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
-        new_k, new_v = [], []
+        new_k, new_v, routers = [], [], []
         for i, (layer, sliding) in enumerate(zip(self.layers, cfg.layer_is_sliding())):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             index = None if cache is None else cache.index
             freq, mask = (local if sliding else inv_freq), allowed[sliding]
             if cfg.remat and cache is None:
-                x, kv = nnx.remat(lambda m, *a: m(*a))(layer, x, positions, freq, mask)
+                x, kv, logits = nnx.remat(lambda m, *a: m(*a))(layer, x, positions, freq, mask)
             else:
-                x, kv = layer(x, positions, freq, mask, kv, index)
+                x, kv, logits = layer(x, positions, freq, mask, kv, index)
+            if logits is not None:
+                routers.append(logits)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         x = self.norm(x)
+        routers = jnp.stack(routers) if routers else None  # [L_moe, B*T, E]
         if cache is None:
-            return x, None
-        return x, KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.valid, cache.index)
+            return x, None, routers
+        return x, KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.valid, cache.index), routers
 
 
 def _masks(config: ModelConfig, q_slots, k_slots, k_valid, q_seg, k_seg) -> tuple:
@@ -128,7 +144,8 @@ class Model:
         segment_ids: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
     ) -> ModelOutput:
-        """Final hidden states (after the last norm) and, with ``cache``, the updated cache.
+        """Final hidden states (after the last norm), with ``cache`` the updated cache, and the
+        router logits of the mixture-of-experts layers (``ModelOutput``).
 
         Args:
           tokens: ``[B, T]`` ids.
@@ -159,10 +176,10 @@ class Model:
                 positions = before[:, None] + jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
             allowed = _masks(self.config, jnp.broadcast_to(q_slots, (b, t)), jnp.arange(s),
                              valid, None, None)
-        hidden, new_cache = self._module(params)(tokens, positions, allowed, cache)
+        hidden, new_cache, router_logits = self._module(params)(tokens, positions, allowed, cache)
         if new_cache is not None:
             new_cache = new_cache._replace(index=cache.index + t)
-        return ModelOutput(hidden, new_cache)
+        return ModelOutput(hidden, new_cache, router_logits)
 
     def unembedding(self, params) -> Float[Array, "D V"]:
         """The LM head as a ``[D, V]`` matrix (the transposed embedding when tied); the logits
@@ -207,6 +224,29 @@ class Model:
         shape = (c.num_layers, batch, length, c.num_kv_heads, c.dim_per_head)
         z = jnp.zeros(shape, jnp.dtype(c.dtype))
         return KVCache(z, z, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+
+def moe_aux_loss(model: Model, output: ModelOutput, attention_mask: Bool[Array, "B T"] | None
+                 ) -> Float[Array, ""]:
+    """``router_aux_loss_coef * load_balancing_loss``: the mixture-of-experts auxiliary loss of
+    one forward pass, over every MoE layer's tokens pooled (``models.moe.load_balancing_loss``;
+    HF ``MixtralForCausalLM.forward`` / ``Qwen3MoeForCausalLM.forward`` add the same term with
+    ``load_balancing_loss_func``). Padding (``attention_mask`` 0) counts for nothing; 0.0 for a
+    dense model.
+
+    A mean over tokens already: add it to a mean loss, or ``aux * count`` to a ``(sum, count)``
+    loss sum. Its gradient reaches the routers only (the top-k counts are constants).
+    """
+    c = model.config
+    if output.router_logits is None:
+        return jnp.zeros((), jnp.float32)
+    logits = output.router_logits  # [L_moe, N, E]
+    _, experts = route(logits.reshape(-1, logits.shape[-1]), top_k=c.num_experts_per_tok,
+                       norm_topk_prob=c.norm_topk_prob)
+    mask = None if attention_mask is None else attention_mask.reshape(-1)  # [N], N = B*T
+    aux = load_balancing_loss(logits, experts.reshape(*logits.shape[:-1], -1), mask,
+                              num_experts=c.num_experts, top_k=c.num_experts_per_tok)
+    return c.router_aux_loss_coef * aux
 
 
 def init_model(config: ModelConfig, key: jax.Array) -> tuple[Model, dict]:

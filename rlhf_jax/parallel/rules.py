@@ -121,9 +121,11 @@ def adapter_rules(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
 
 
 # Every family shares one parameter layout: Qwen2 adds the q/k/v biases, Qwen3 and Gemma 3 the
-# q/k norms, Gemma the sandwich norms; Phi-3's fused checkpoint tensors are split on import.
+# q/k norms, Gemma the sandwich norms; Phi-3's fused checkpoint tensors are split on import. The
+# mixture-of-experts families add the expert rules in front (Qwen3-MoE's dense layers use RULES).
 FAMILY_RULES: dict[str, tuple[Rule, ...]] = {
-    f: RULES for f in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3")}
+    **{f: RULES for f in ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3")},
+    **{f: MOE_RULES + RULES for f in ("qwen3_moe", "mixtral")}}
 
 
 class ShardingPlan(NamedTuple):

@@ -23,7 +23,8 @@ from rlhf_jax.models import ModelConfig, RopeScaling, init_model
 from rlhf_jax.models.hf import config_from_hf, load_hf_checkpoint, save_hf_checkpoint
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf"
-FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3", "qwen3_moe",
+            "mixtral")
 
 
 def _reference(family: str) -> dict[str, np.ndarray]:
@@ -95,7 +96,8 @@ def test_greedy_decode_with_cache_matches_transformers_generate(family):
 # ---------------------------------------------------------------- exact round trips
 @pytest.mark.parametrize("family,shard", [("llama", None), ("qwen2", None), ("mistral", 40_000),
                                           ("qwen3", None), ("phi3", 60_000), ("gemma2", None),
-                                          ("gemma3", None)])
+                                          ("gemma3", None), ("qwen3_moe", 50_000),
+                                          ("mixtral", None)])
 def test_import_export_import_is_exact(tmp_path, family, shard):
     config, params = load_hf_checkpoint(FIXTURES / family)
     save_hf_checkpoint(tmp_path, config, params, max_shard_bytes=shard)
@@ -313,7 +315,7 @@ def _export_cases():
 
 @pytest.mark.parametrize("family,heads", [(f, ("lm",)) for f in FAMILIES] + [
     ("qwen2", ("reward",)), ("gemma2", ("reward",)), ("gemma3", ("reward",)),
-    ("phi3", ("reward",))])
+    ("phi3", ("reward",)), ("qwen3_moe", ("reward",)), ("mixtral", ("reward",))])
 def test_transformers_loads_our_export(tmp_path, family, heads):
     python = os.environ.get("RLHF_JAX_TORCH_PYTHON")
     if not python:

@@ -53,10 +53,11 @@ def test_fixture_configs_map_every_new_feature():
     assert gemma3.rope_scaling == RopeScaling(rope_type="linear", factor=8.0)
 
 
-@pytest.mark.parametrize("family", ["phi3", "gemma2", "gemma3", "qwen3"])
+@pytest.mark.parametrize("family", ["phi3", "gemma2", "gemma3", "qwen3", "qwen3_moe",
+                                    "mixtral"])
 def test_export_writes_the_checkpoint_tensors_back_bit_for_bit(tmp_path, family):
     """Phi-3's fused ``qkv_proj``/``gate_up_proj`` are re-fused exactly; Gemma's four norms per
-    block go back under their own names."""
+    block go back under their own names; the stacked experts go back one tensor per expert."""
     config, params = load_hf_checkpoint(FIXTURES / family)
     save_hf_checkpoint(tmp_path, config, params)
     want, got = load_file(str(FIXTURES / family / "model.safetensors")), load_file(

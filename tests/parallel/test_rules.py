@@ -18,9 +18,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax.models import FAMILIES, abstract_params
-from rlhf_jax.parallel import (AXES, FAMILY_RULES, MeshConfig, batch_spec, make_mesh,
-                               opt_state_shardings, param_shardings, parse_mesh, path_str,
-                               plan_param_specs, shard_params)
+from rlhf_jax.parallel import (AXES, FAMILY_RULES, MOE_RULES, RULES, MeshConfig, batch_spec,
+                               make_mesh, opt_state_shardings, param_shardings, parse_mesh,
+                               path_str, plan_param_specs, shard_params)
 from rlhf_jax.train import OptimizerConfig, make_optimizer
 from tests.parallel.common import CONFIG, IDS, SHAPES, mesh_for, toy_model
 
@@ -100,9 +100,37 @@ def test_make_mesh_on_a_device_subset():
 
 def test_one_table_per_family_and_families_share_the_layout():
     assert set(FAMILY_RULES) == set(FAMILIES)
-    assert all(FAMILY_RULES[f] is FAMILY_RULES["llama"] for f in FAMILIES)
-    for rule in FAMILY_RULES["llama"]:
+    dense = [f for f in FAMILIES if f not in ("qwen3_moe", "mixtral")]
+    assert all(FAMILY_RULES[f] is FAMILY_RULES["llama"] for f in dense)
+    assert FAMILY_RULES["qwen3_moe"] == FAMILY_RULES["mixtral"] == MOE_RULES + RULES
+    for rule in FAMILY_RULES["qwen3_moe"]:
         assert set(a for a in rule.spec if a is not None) <= set(AXES), rule
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_every_moe_param_is_resolved_on_the_8_device_mesh(family):
+    """Qwen3-MoE with a dense layer (``mlp_only_layers``) and Mixtral: every parameter gets a
+    sharding on each mesh shape; 8 experts split whole over ``fsdp``, each expert's hidden
+    over ``tensor``, routers replicated, and the dense layer keeps the dense rules."""
+    cfg = CONFIG.replace(family=family, num_layers=2, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=32, qkv_bias=False,
+                         mlp_only_layers=(0,) if family == "qwen3_moe" else ())
+    params = abstract_params(cfg)
+    for shape in SHAPES:
+        mesh = mesh_for(shape)
+        plan = plan_param_specs(cfg, params, mesh)
+        specs, p = _leaves(plan.specs), _leaves(params)
+        assert specs.keys() == p.keys()
+        for name, spec in specs.items():
+            NamedSharding(mesh, spec).shard_shape(p[name].shape)  # raises if invalid
+        assert specs["layers/1/mlp/router/kernel"] == P(None, None)
+        assert specs["layers/1/mlp/gate_proj"] == P("fsdp", None, "tensor")
+        assert specs["layers/1/mlp/down_proj"] == P("fsdp", "tensor", None)
+        if family == "qwen3_moe":
+            assert specs["layers/0/mlp/gate_proj/kernel"] == P("fsdp", "tensor")
+        assert not {k for k in plan.fallbacks if "/mlp/" in k}, plan.fallbacks
+    fsdp = NamedSharding(mesh_for((2, 4, 1)), specs["layers/1/mlp/up_proj"])
+    assert fsdp.shard_shape(p["layers/1/mlp/up_proj"].shape) == (2, 64, 32)  # 8 experts / 4
 
 
 @pytest.mark.parametrize("family", FAMILIES)
