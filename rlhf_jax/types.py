@@ -116,6 +116,8 @@ METRICS: dict[str, str] = {
     "tokens_per_s": "attended tokens per second since the previous log row",
     # SFT, distillation, ORPO
     "nll": "masked next-token negative log-likelihood (token mean)",
+    "moe_aux_loss": "mixture-of-experts load-balancing term added to the loss "
+                    "(router_aux_loss_coef * E * sum_e f_e P_e; SFT of a MoE model)",
     "forward_kl": "KL(teacher || student), token mean", "reverse_kl": "KL(student || teacher)",
     "jsd": "generalised Jensen-Shannon divergence to the teacher, token mean",
     "log_odds_ratio": "ORPO: log odds(chosen) - log odds(rejected)",

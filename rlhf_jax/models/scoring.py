@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from rlhf_jax.models.transformer import Model
+from rlhf_jax.models.transformer import Model, moe_aux_loss
 from rlhf_jax.ops.logprobs import chunked_logprobs_and_entropy, chunked_token_logprobs
 from rlhf_jax.types import TokenBatch
 
@@ -35,18 +35,24 @@ class CompletionScores(NamedTuple):
 
 
 def token_batch_logprobs(model: Model, params, batch: TokenBatch, *, temperature: float = 1.0,
-                         chunk_t: int = 128, chunk_v: int = 8192) -> Float[Array, "B T"]:
+                         chunk_t: int = 128, chunk_v: int = 8192, with_aux: bool = False):
     """``out[b, t] = log pi(tokens[b, t] | tokens[b, <t])`` for ``t >= 1``; ``out[:, 0] = 0``.
 
     Aligned with ``batch.tokens`` so ``batch.loss_mask`` applies directly (it is 0 at ``t = 0``
     by the ``TokenBatch`` convention). Packed rows use ``segment_ids``/``positions``.
+    ``with_aux``: return ``(out, moe_aux_loss)``, the mixture-of-experts load-balancing term of
+    the same forward pass (0 for a dense model; ``transformer.moe_aux_loss``).
     """
-    hidden = model.apply(params, batch.tokens, attention_mask=batch.attention_mask,
-                         positions=batch.positions, segment_ids=batch.segment_ids).hidden
+    output = model.apply(params, batch.tokens, attention_mask=batch.attention_mask,
+                         positions=batch.positions, segment_ids=batch.segment_ids)
+    hidden = output.hidden
     lp = chunked_token_logprobs(hidden[:, :-1], model.unembedding(params), batch.tokens[:, 1:],
                                 temperature=temperature, chunk_t=chunk_t, chunk_v=chunk_v,
                                 softcap=model.config.final_logit_softcap)
-    return jnp.pad(lp, ((0, 0), (1, 0)))
+    lp = jnp.pad(lp, ((0, 0), (1, 0)))
+    if with_aux:
+        return lp, moe_aux_loss(model, output, batch.attention_mask)
+    return lp
 
 
 def token_batch_logits(model: Model, params, batch: TokenBatch) -> Float[Array, "B T V"]:

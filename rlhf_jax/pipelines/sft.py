@@ -15,7 +15,7 @@ import dataclasses
 from rlhf_jax.data import BatchIterator
 from rlhf_jax.losses import sft_loss
 from rlhf_jax.models import token_batch_logprobs
-from rlhf_jax.ops import AGGREGATIONS
+from rlhf_jax.ops import AGGREGATIONS, Mean
 from rlhf_jax.pipelines.config import ModelSpec, OptimizerConfig, SupervisedConfig
 from rlhf_jax.pipelines.datasets import fixed_batches, load_sft_batch, row_length, row_unit
 from rlhf_jax.pipelines.run_dir import prepare_run_dir
@@ -60,9 +60,16 @@ def run(cfg: SFTConfig) -> dict:
     # after every check above: a start refused for its config or data writes nothing
     run_dir = prepare_run_dir(cfg, cfg.output_dir)
 
+    moe = model.config.num_experts > 0
+
     def loss_fn(p, batch, key):
-        lp = token_batch_logprobs(model, p, batch)
-        return sft_loss(lp, batch.loss_mask, aggregation=cfg.aggregation)
+        if not moe:
+            lp = token_batch_logprobs(model, p, batch)
+            return sft_loss(lp, batch.loss_mask, aggregation=cfg.aggregation)
+        # mixture of experts: the router's load-balancing term joins the mean loss
+        lp, aux = token_batch_logprobs(model, p, batch, with_aux=True)
+        total, count, metrics = sft_loss(lp, batch.loss_mask, aggregation=cfg.aggregation)
+        return total + aux * count, count, metrics | {"moe_aux_loss": Mean(aux * count, count)}
 
     task = SupervisedTask(loss_fn=loss_fn, data=data, eval_batches=eval_batches,
                           postfix=("loss", "nll"),

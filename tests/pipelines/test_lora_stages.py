@@ -172,3 +172,21 @@ def test_lora_best_of_n_samples_the_adapter(world, lora_sft, tmp_path):
         best_of_n.run(dataclasses.replace(cfg, policy=_lora(TINY)))
     res = best_of_n.run(cfg)
     assert res["prompts"] > 0 and os.path.getsize(res["output"]) > 0
+
+
+def test_lora_distill_student_adapter_reads_the_teacher(world, tmp_path):
+    # the task's own frozen arrays (the teacher) ride next to the student's frozen base
+    from rlhf_jax.pipelines import distill
+
+    res = distill.run(distill.DistillConfig(
+        data=DataConfig(train=world.pref["sft"], max_length=48, batch_size=8,
+                        on_overflow="truncate"),
+        tokenizer=world.tokenizer, teacher=ModelSpec(path=world.sft["model_dir"]),
+        student=_lora(ModelSpec(path=world.sft["model_dir"])),
+        output_dir=str(tmp_path / "distill"), optimizer=OptimizerConfig(learning_rate=1e-2),
+        loop=loop(2), logging=LOG, mesh=None))
+    rows = train_rows(res["run_dir"])
+    # student = teacher at the start (same checkpoint, B = 0): the forward KL is 0, then moves
+    assert rows[0]["loss"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[-1]["loss"] > 0.0
+    assert all(k.split("/")[-1] in ("lora_a", "lora_b") for k in flat(res["state"].params))

@@ -1,7 +1,7 @@
 """Every training pipeline on every mesh shape of the 8 virtual devices gives the numbers of the
 single-device run: per-step losses and sample statistics, and the final parameters, to float32
 rounding (the sharded programs sum in another order). SFT and GRPO also train a LoRA adapter on
-the sharded frozen base (``*_lora``).
+the sharded frozen base (``*_lora``); SFT also trains a Qwen3-MoE model (``sft_moe``).
 
 The model has 8 query / 4 key-value heads and widths divisible by 8, so ``tensor`` really splits
 heads and the MLP (on ``tensor=8`` the 4 key/value heads fall back to replicated); ``fsdp``
@@ -71,13 +71,18 @@ def _configs(world) -> dict:
     }
 
 
-def _lora_configs(world) -> dict:
-    """SFT and GRPO training a LoRA adapter (rank 8) on the frozen, sharded base."""
+def _variant_configs(world) -> dict:
+    """SFT and GRPO training a LoRA adapter (rank 8) on the frozen, sharded base, and SFT of a
+    Qwen3-MoE model (4 experts over ``fsdp``, their hidden size over ``tensor``)."""
     lora = dataclasses.replace(MODEL, lora=LoraConfig(rank=8, alpha=16.0))
+    moe = dataclasses.replace(MODEL, overrides=dict(MODEL.overrides) | dict(
+        family="qwen3_moe", qk_norm=True, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, router_aux_loss_coef=0.01))
     base = _configs(world)
-    return {f"{k}_lora": (fn, dataclasses.replace(
+    out = {f"{k}_lora": (fn, dataclasses.replace(
         cfg, **{"model" if k == "sft" else "policy": lora})) for k, (fn, cfg) in base.items()
         if k in ("sft", "grpo")}
+    return out | {"sft_moe": (base["sft"][0], dataclasses.replace(base["sft"][1], model=moe))}
 
 
 def _length(prompts, completions, **columns):
@@ -88,7 +93,7 @@ _BASELINES: dict = {}
 
 
 def _run(world, name: str, shape):
-    fn, cfg = (_configs(world) | _lora_configs(world))[name]
+    fn, cfg = (_configs(world) | _variant_configs(world))[name]
     tag = "one" if shape is None else "x".join(map(str, shape))
     mesh = None if shape is None else MeshConfig(data=shape[0], fsdp=shape[1], tensor=shape[2])
     out = fn(dataclasses.replace(cfg, mesh=mesh,
@@ -104,7 +109,7 @@ def _baseline(world, name: str):
 
 # Figures that must agree; sample statistics (lengths, rewards) agree only if the same tokens
 # were sampled.
-KEYS = ("loss", "grad_norm", "count", "nll", "rewards/accuracy", "kl", "policy/kl",
+KEYS = ("loss", "grad_norm", "count", "nll", "moe_aux_loss", "rewards/accuracy", "kl", "policy/kl",
         "response_length", "reward", "rewards/length", "value_loss", "policy_loss")
 
 
@@ -112,7 +117,7 @@ KEYS = ("loss", "grad_norm", "count", "nll", "rewards/accuracy", "kl", "policy/k
     pytest.param(s, id="x".join(map(str, s)), marks=() if s == (2, 2, 2) else pytest.mark.slow)
     for s in SHAPES])
 @pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "distill", "ppo", "grpo",
-                                  "sft_lora", "grpo_lora"])
+                                  "sft_lora", "grpo_lora", "sft_moe"])
 def test_pipeline_on_mesh_equals_one_device(world, name, shape):
     assert jax.device_count() == 8  # tests/conftest.py
     params1, rows1 = _baseline(world, name)
