@@ -41,6 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax.traverse_util import flatten_dict as _leaves  # {path tuple: leaf}
+from flax.traverse_util import unflatten_dict as _nest
+
 from rlhf_jax.models import _hf_io as io
 from rlhf_jax.models._hf_config import ARCHITECTURES, GEMMA, config_from_hf, config_to_hf
 from rlhf_jax.models.config import ModelConfig
@@ -139,22 +142,6 @@ def _names(config: ModelConfig) -> dict[tuple, _Slot]:
         m[("value_head", "kernel")] = _Slot("value_head.weight", True)
         m[("value_head", "bias")] = _Slot("value_head.bias", False)
     return m
-
-
-def _leaves(tree, prefix=()) -> dict[tuple, object]:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, prefix + (key,)).items()}
-    return {prefix: tree}
-
-
-def _nest(flat: dict[tuple, object]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
 
 
 def _table(config: ModelConfig) -> tuple[dict, dict]:

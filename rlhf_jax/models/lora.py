@@ -42,6 +42,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.traverse_util import flatten_dict as _leaves  # {path tuple: leaf}
+from flax.traverse_util import unflatten_dict as _nest
 
 from rlhf_jax.models import quantize as qz
 from rlhf_jax.models.config import ModelConfig
@@ -207,22 +209,6 @@ def lora_model(base: Model | ModelConfig, lora: LoraConfig) -> LoraModel:
 def abstract_lora_params(model: LoraModel) -> dict:
     """Shapes and dtypes of ``combine(base, adapter)`` for ``model`` (``ShapeDtypeStruct``)."""
     return jax.tree.map(lambda x: x, _graph(model.config, model.lora)[1])  # a fresh tree
-
-
-def _leaves(tree, prefix=()) -> dict[tuple, object]:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _leaves(sub, prefix + (key,)).items()}
-    return {prefix: tree}
-
-
-def _nest(flat: dict[tuple, object]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
 
 
 def adapter_shapes(model: LoraModel) -> dict:
