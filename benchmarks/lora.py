@@ -174,13 +174,17 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--layers", type=int, default=REAL_135M.num_layers,
                    help="fewer layers for a quick check (the figures are for 30)")
+    p.add_argument("--no-remat", action="store_true",
+                   help="keep every activation for the backward (default: remat each block, "
+                        "as memory-bound post-training runs do, for both sides)")
     p.add_argument("--skip-grpo", action="store_true")
     a = p.parse_args(argv)
-    config = REAL_135M.replace(num_layers=a.layers)
+    config = REAL_135M.replace(num_layers=a.layers, remat=not a.no_remat)
     model, params = init_model(config, jax.random.PRNGKey(0))
     lora = LoraConfig(rank=a.rank, alpha=2.0 * a.rank)
     out = {"benchmark": "lora", "model": "135M-class llama (random weights)",
-           "layers": a.layers, "params_m": round(config.num_params() / 1e6, 1),
+           "layers": a.layers, "remat": config.remat,
+           "params_m": round(config.num_params() / 1e6, 1),
            "rank": a.rank,
            "dpo": {"shape": f"{a.pairs} pairs x {a.length} tokens",
                    "full": dpo_step(model, params, a, None),

@@ -138,17 +138,36 @@ def load_models(cfg: OnPolicyConfig, prep: Prepared, *, value_model: str | None,
         reward, frozen["reward"] = load_model(cfg.rewards.model, heads=("reward",),
                                               vocab_size=v, seed=seed, require=("reward",),
                                               frozen="rewards.model")
+    critic_lora, shared_base = False, None
     if value_model == "separate":
         init = getattr(cfg, "value_init", None) or cfg.rewards.model
-        critic, params["value"] = load_model(init, heads=("value",), vocab_size=v, seed=seed)
+        critic, cv = load_model(init, heads=("value",), vocab_size=v, seed=seed)
+        critic, params["value"], critic_adapted = with_adapter(init, critic, cv, seed=seed + 1)
+        if critic_adapted is not None:
+            critic_lora = True
+            shared_base = _shared_base(critic_adapted.base, adapted, init, cfg.policy)
+            if shared_base is None:
+                frozen["value_base"] = critic_adapted.base
     models = Models(policy=policy, reference=reference if use_reference else None,
                     reward=reward, critic=critic, shared_values=shared,
                     lora=adapted is not None,
-                    reference_of_base=reference_of_base if use_reference else None)
+                    reference_of_base=reference_of_base if use_reference else None,
+                    critic_lora=critic_lora, critic_on_policy_base=shared_base)
     check_sequence_fits(models.configs() | {"reference": reference.config},
                         prompt_width=prep.prompt_width,
                         max_new_tokens=cfg.sampling.max_new_tokens)
     return Loaded(models, params, frozen, (reference, ref), adapted)
+
+
+def _shared_base(critic_base, policy: Adapted | None, critic_spec, policy_spec):
+    """The entries of the policy's frozen base the LoRA critic reads when both adapt one
+    checkpoint stored alike (a second adapter on the same base: no second copy), else None."""
+    quant = getattr(critic_spec.lora, "quantize_base", None)
+    same = (policy is not None and critic_spec.path is not None
+            and critic_spec.path == policy_spec.path and critic_spec.dtype == policy_spec.dtype
+            and quant == policy.model.lora.quantize_base
+            and critic_base.keys() <= policy.base.keys())
+    return tuple(sorted(critic_base)) if same else None
 
 
 def sampling_config(cfg: OnPolicyConfig, tokenizer: Tokenizer, *, n: int = 1,

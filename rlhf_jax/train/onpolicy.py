@@ -77,6 +77,11 @@ class Models:
     reference_of_base: Callable[[Any], Any] | None = None
     """With ``lora``: the reference is the base with the adapter off, its params this function
     of ``frozen["base"]`` (``Adapted.reference``); no second copy of the weights exists."""
+    critic_lora: bool = False
+    """The critic is a LoRA adapter plus a value head on ``frozen["value_base"]``."""
+    critic_on_policy_base: tuple[str, ...] | None = None
+    """With ``critic_lora``: the critic's base is ``frozen["base"]`` itself, these top-level
+    entries of it (a second adapter on the policy's base; no second copy)."""
 
     def configs(self) -> dict:
         return {k: m.config for k, m in vars(self).items() if isinstance(m, Model)}
@@ -85,6 +90,15 @@ class Models:
         """The policy's full params from the trained ones (and the frozen base with LoRA)."""
         return combine(frozen["base"], params["policy"]) if self.lora else params["policy"]
 
+    def critic_params(self, params, frozen):
+        """The separate critic's full params (its adapter on its frozen base with LoRA)."""
+        if not self.critic_lora:
+            return params["value"]
+        if self.critic_on_policy_base is not None:
+            base = {k: frozen["base"][k] for k in self.critic_on_policy_base}
+            return combine(base, params["value"])
+        return combine(frozen["value_base"], params["value"])
+
     def reference_params(self, frozen):
         """The reference's params: its own, or the adapter-off base."""
         if self.reference_of_base is not None:
@@ -92,8 +106,10 @@ class Models:
         return frozen["reference"]
 
     def frozen_config(self, name: str):
-        """The model config a frozen entry belongs to (``base``: the policy's)."""
-        return (self.policy if name == "base" else getattr(self, name)).config
+        """The model config a frozen entry belongs to (``base``: the policy's, ``value_base``:
+        the critic's)."""
+        owner = {"base": self.policy, "value_base": self.critic}.get(name)
+        return (owner if owner is not None else getattr(self, name)).config
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -166,7 +182,7 @@ def _rollout_fn(algo: OnPolicyAlgorithm, models: Models, sampling: SamplingConfi
             models.reference, models.reference_params(frozen), *args,
             temperature=temp).logprobs)
         if models.critic is not None:
-            values = completion_values(models.critic, params["value"], *args)
+            values = completion_values(models.critic, models.critic_params(params, frozen), *args)
         rm = (None if models.reward is None
               else sequence_rewards(models.reward, frozen["reward"], *args))
         if entropy is not None:
@@ -186,7 +202,7 @@ def _forward_fn(algo: OnPolicyAlgorithm, models: Models, temperature: float):
                                values=models.shared_values)
         values = sc.values
         if models.critic is not None:
-            values = completion_values(models.critic, params["value"], *args)
+            values = completion_values(models.critic, models.critic_params(params, frozen), *args)
         return Forward(sc.logprobs, sc.entropy, values)
 
     return forward

@@ -190,3 +190,21 @@ def test_lora_distill_student_adapter_reads_the_teacher(world, tmp_path):
     assert rows[0]["loss"] == pytest.approx(0.0, abs=1e-5)
     assert rows[-1]["loss"] > 0.0
     assert all(k.split("/")[-1] in ("lora_a", "lora_b") for k in flat(res["state"].params))
+
+
+def test_lora_ppo_critic_is_a_second_adapter_on_the_policy_base(world, tmp_path):
+    from rlhf_jax.pipelines import ppo
+    from tests.pipelines.test_ppo import ADAPTIVE_KL, ppo_config
+
+    sft_model = ModelSpec(path=world.sft["model_dir"])
+    res = ppo.run(ppo_config(world, "ppo_lora_critic", steps=2, kl=ADAPTIVE_KL,
+                             policy=_lora(sft_model), value_init=_lora(sft_model),
+                             output_dir=str(tmp_path / "ppo")))
+    value = set(flat(res["state"].params["value"]))
+    assert {"value_head/kernel", "value_head/bias"} <= value
+    assert all(k.startswith("value_head") or k.split("/")[-1] in ("lora_a", "lora_b")
+               for k in value)
+    models = res["models"]
+    assert models.critic_lora and models.critic_on_policy_base  # no second base copy
+    rows = train_rows(res["run_dir"])
+    assert all(np.isfinite(r["value_loss"]) for r in rows)
