@@ -108,12 +108,14 @@ def test_best_of_n_runs(tmp_path):
     assert len(rows) == 32 and all({"prompt", "completion"} <= r.keys() for r in rows)
 
 
+@pytest.mark.slow  # a study built on stages the default run covers
 def test_overoptimization_runs(tmp_path):
     out = _run("overoptimization", tmp_path, bon_max_n=4, **TINY_WORLD, **TINY_PPO)
     assert [p["n"] for p in out["best_of_n"]] == [1, 4]
     assert len(out["ppo_eval"]) == 3
 
 
+@pytest.mark.slow  # a study built on stages the default run covers
 def test_kl_frontier_runs(tmp_path):
     out = _run("kl_frontier", tmp_path, ppo_kl_coefs="0.1", dpo_betas="0.1", dpo_steps=2,
                dpo_batch_size=8, report_samples=1, **TINY_WORLD, **TINY_PPO)

@@ -39,7 +39,13 @@ def family_spec(family: str) -> ModelSpec:
     return dataclasses.replace(TINY, overrides=over | FEATURES[family])
 
 
-@pytest.mark.parametrize("family", sorted(FEATURES))
+DEFAULT = ("gemma3", "qwen3_moe")
+"""Run by default (CI): the dense family with the most switches and a MoE family; the others
+with -m slow (their parity, round trip and sampler tests run by default in tests/models)."""
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=() if f in DEFAULT else pytest.mark.slow) for f in sorted(FEATURES)])
 def test_family_sft_then_grpo(world, family):
     cfg = sft_config(world.root, world.tokenizer, world.pref["sft"], f"family_sft_{family}",
                      steps=2, model=family_spec(family))

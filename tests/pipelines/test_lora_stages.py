@@ -142,6 +142,7 @@ def test_lora_grpo_samples_merge_free_and_the_reference_is_the_base(world, tmp_p
     assert os.path.isfile(os.path.join(res["adapter_dir"], "adapter_model.safetensors"))
 
 
+@pytest.mark.slow  # PPO with LoRA runs by default in the critic-adapter test
 def test_lora_ppo_trains_adapter_and_shared_value_head(world, tmp_path):
     from rlhf_jax.pipelines import ppo
     from tests.pipelines.test_ppo import LOSS_KL, algo, ppo_config

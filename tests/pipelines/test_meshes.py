@@ -113,11 +113,16 @@ KEYS = ("loss", "grad_norm", "count", "nll", "moe_aux_loss", "rewards/accuracy",
         "response_length", "reward", "rewards/length", "value_loss", "policy_loss")
 
 
-@pytest.mark.parametrize("shape", [  # 2x2x2 uses every axis: CI; the others with -m slow
-    pytest.param(s, id="x".join(map(str, s)), marks=() if s == (2, 2, 2) else pytest.mark.slow)
-    for s in SHAPES])
-@pytest.mark.parametrize("name", ["sft", "reward_model", "dpo", "distill", "ppo", "grpo",
-                                  "sft_lora", "grpo_lora", "sft_moe"])
+DEFAULT = ("sft", "dpo", "grpo", "sft_lora", "sft_moe")
+"""Run by default (CI) on 2x2x2, which uses every axis; every other pair with -m slow."""
+CASES = [pytest.param(name, shape, id=f"{name}-{'x'.join(map(str, shape))}",
+                      marks=() if shape == (2, 2, 2) and name in DEFAULT else pytest.mark.slow)
+         for shape in SHAPES
+         for name in ("sft", "reward_model", "dpo", "distill", "ppo", "grpo", "sft_lora",
+                      "grpo_lora", "sft_moe")]
+
+
+@pytest.mark.parametrize("name, shape", CASES)
 def test_pipeline_on_mesh_equals_one_device(world, name, shape):
     assert jax.device_count() == 8  # tests/conftest.py
     params1, rows1 = _baseline(world, name)
