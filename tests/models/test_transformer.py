@@ -36,8 +36,9 @@ def _tokens(b, t, seed=1, vocab=97):
     return jax.random.randint(jax.random.PRNGKey(seed), (b, t), 0, vocab)
 
 
-def test_cached_decode_equals_full_forward(toy):
-    model, params = toy
+def _cached_and_full(model, params):
+    """11 tokens: a 5-token prefill then 6 one-token decode steps with the KV cache, and the
+    plain forward pass. Returns ``(per-call hidden states, full hidden, final cache)``."""
     tok = _tokens(2, 11)
     full = _apply(model)(params, tok).hidden
     out = _apply(model)(params, tok[:, :5], cache=model.init_cache(2, 11))
@@ -47,6 +48,12 @@ def test_cached_decode_equals_full_forward(toy):
         o = step(params, tok[:, i:i + 1], cache)
         hidden.append(o.hidden)
         cache = o.cache
+    return hidden, full, cache
+
+
+def test_cached_decode_equals_full_forward(toy):
+    model, params = toy
+    hidden, full, cache = _cached_and_full(model, params)
     assert int(cache.index) == 11
     np.testing.assert_allclose(jnp.concatenate(hidden, 1), full, atol=2e-5)
 
@@ -213,15 +220,7 @@ def test_gemma_like_cached_decode_equals_full_forward(gemma_like):
     """Per-layer windows (3, shorter than the 11 tokens), the local RoPE base and both caps
     give the same hidden states and logits with the KV cache as without."""
     model, params = gemma_like
-    tok = _tokens(2, 11)
-    full = _apply(model)(params, tok).hidden
-    out = _apply(model)(params, tok[:, :5], cache=model.init_cache(2, 11))
-    hidden, cache = [out.hidden], out.cache
-    step = jax.jit(lambda p, x, c: model.apply(p, x, cache=c))
-    for i in range(5, 11):
-        o = step(params, tok[:, i:i + 1], cache)
-        hidden.append(o.hidden)
-        cache = o.cache
+    hidden, full, cache = _cached_and_full(model, params)
     np.testing.assert_allclose(jnp.concatenate(hidden, 1), full, atol=5e-5)
     logits = model.logits(params, full)
     assert float(jnp.abs(logits).max()) < 2.0  # the final cap bounds them

@@ -32,6 +32,12 @@ def _lora(spec: ModelSpec, **kw) -> ModelSpec:
     return dataclasses.replace(spec, lora=dataclasses.replace(LORA, **kw))
 
 
+def _pairs(world) -> DataConfig:
+    """The preference data every pair-trained stage here reads."""
+    return DataConfig(train=world.pref["preference"], max_prompt_length=24, max_length=48,
+                      batch_size=8, on_overflow="truncate")
+
+
 def _checkpoint_leaves(run_dir: str) -> set[str]:
     ck = Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
     step = ck.latest_step()
@@ -83,8 +89,7 @@ def test_lora_sft_resumes_exactly(world, lora_sft):
 
 def test_lora_reward_model_trains_adapter_and_head(world, tmp_path):
     res = reward_model.run(reward_model.RewardModelConfig(
-        data=DataConfig(train=world.pref["preference"], max_prompt_length=24, max_length=48,
-                        batch_size=8, on_overflow="truncate"),
+        data=_pairs(world),
         tokenizer=world.tokenizer, output_dir=str(tmp_path / "rm"),
         model=_lora(ModelSpec(path=world.sft["model_dir"])),
         optimizer=OptimizerConfig(learning_rate=1e-2), loop=loop(2), logging=LOG, mesh=None))
@@ -96,8 +101,7 @@ def test_lora_reward_model_trains_adapter_and_head(world, tmp_path):
 
 def test_lora_dpo_reference_is_the_base_and_margin_starts_at_zero(world, tmp_path):
     res = dpo.run(dpo.DPOConfig(
-        data=DataConfig(train=world.pref["preference"], max_prompt_length=24, max_length=48,
-                        batch_size=8, on_overflow="truncate"),
+        data=_pairs(world),
         tokenizer=world.tokenizer, output_dir=str(tmp_path / "dpo"),
         policy=_lora(ModelSpec(path=world.sft["model_dir"])),
         optimizer=OptimizerConfig(learning_rate=1e-2), loop=loop(2), logging=LOG, mesh=None))
@@ -113,8 +117,7 @@ def test_lora_dpo_reference_is_the_base_and_margin_starts_at_zero(world, tmp_pat
 def test_lora_on_a_frozen_model_is_refused(world, tmp_path):
     with pytest.raises(ValueError, match="reference.lora .* frozen"):
         dpo.run(dpo.DPOConfig(
-            data=DataConfig(train=world.pref["preference"], max_prompt_length=24, max_length=48,
-                            batch_size=8, on_overflow="truncate"),
+            data=_pairs(world),
             tokenizer=world.tokenizer, output_dir=str(tmp_path / "dpo"),
             policy=ModelSpec(path=world.sft["model_dir"]),
             reference=_lora(ModelSpec(path=world.sft["model_dir"])),
