@@ -23,7 +23,10 @@ def _length(prompts, completions, **columns):
 
 
 def main(data_dir: str, out_dir: str, local_devices: int) -> None:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(
+        kept + [f"--xla_force_host_platform_device_count={local_devices}"])
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from rlhf_jax.parallel import initialize_distributed
 

@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("RLHF_JAX_") and k not in ("XLA_FLAGS", "PYTEST_XDIST_WORKER")}
+           if not k.startswith("RLHF_JAX_") and k != "PYTEST_XDIST_WORKER"}
     return env | {"PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"} | extra
 
 
