@@ -34,7 +34,8 @@ from benchmarks._common import emit
 from benchmarks._vs_trl import write_tokenizer
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.losses import dpo_loss
-from rlhf_jax.models import LoraConfig, ModelConfig, init_model, sequence_logprob_sums
+from rlhf_jax.models import (LoraConfig, ModelConfig, init_model, remat_compiler_options,
+                             sequence_logprob_sums)
 from rlhf_jax.pipelines.config import KLConfig
 from rlhf_jax.pipelines.grpo import GRPOAlgorithmConfig, grpo_algorithm
 from rlhf_jax.sampling import SamplingConfig
@@ -118,7 +119,8 @@ def _lowered(loss, optimizer, state, batch, frozen):
                                               total, count)
         return state._replace(params=params, opt_state=opt)
 
-    return jax.jit(step, donate_argnums=(0,)).lower(state, batch, frozen).compile()
+    return jax.jit(step, donate_argnums=(0,), compiler_options=remat_compiler_options()).lower(
+        state, batch, frozen).compile()
 
 
 def grpo_step(model, params, a, tokenizer, lora: LoraConfig | None) -> dict:

@@ -10,12 +10,13 @@ from rlhf_jax.models.transformer import (
     init_model,
     model_for,
     moe_aux_loss,
+    remat_compiler_options,
 )
 
 __all__ = [
     "FAMILIES", "HEADS", "PRESETS", "ModelConfig", "RopeScaling", "get_preset",
     "KVCache", "Model", "ModelOutput", "init_model", "model_for", "abstract_params",
-    "moe_aux_loss",
+    "moe_aux_loss", "remat_compiler_options",
 ]
 from rlhf_jax.models.hf import load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
 __all__ += ["load_hf_checkpoint", "save_hf_checkpoint"]

@@ -147,7 +147,8 @@ class ModelConfig:
     heads: tuple[str, ...] = ("lm",)
     """Output heads: ``lm`` (next-token logits), ``value`` (per token), ``reward`` (scalar)."""
     remat: bool = False
-    """Rematerialise each block in the backward pass (gradient checkpointing)."""
+    """Rematerialise each block in the backward pass (gradient checkpointing); on CPU, compile
+    your own differentiated programs with ``remat_compiler_options()`` (the trainer does)."""
 
     def __post_init__(self):
         if self.family not in FAMILIES:

@@ -249,6 +249,23 @@ def moe_aux_loss(model: Model, output: ModelOutput, attention_mask: Bool[Array, 
     return c.router_aux_loss_coef * aux
 
 
+def remat_compiler_options(platform: str | None = None) -> dict[str, str]:
+    """XLA compiler options for a program that differentiates a ``remat`` model:
+    ``jax.jit(step, compiler_options=remat_compiler_options())`` (the trainer's steps do).
+
+    ``jax.checkpoint`` feeds each recomputed block through an ``optimization_barrier`` so that
+    common-subexpression elimination cannot merge the backward's recomputation with the forward
+    pass. XLA:CPU expands those barriers away (its ``cse_barrier_expander`` pass) before it runs
+    CSE, which then merges them: every block's activations stay alive until the backward and
+    remat saves nothing. Measured on the 135M-class shape (8 rows x 128 tokens, gradient of the
+    log-probs): temporaries 403 MiB with 4 layers and 645 MiB with 8 without the option, 192 MiB
+    for both with it. Gradients are unchanged. ``platform``: default ``jax.default_backend()``;
+    on other platforms (whose compilers keep the barriers) no options are needed.
+    """
+    platform = jax.default_backend() if platform is None else platform
+    return {"xla_disable_hlo_passes": "cse_barrier_expander"} if platform == "cpu" else {}
+
+
 def init_model(config: ModelConfig, key: jax.Array) -> tuple[Model, dict]:
     """Build a model: its pure-function wrapper and freshly initialised params."""
     module = Transformer(config, rngs=nnx.Rngs(params=key))

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.data import Tokenizer, decode_completions
-from rlhf_jax.models import (Model, combine, completion_values, score_completions,
-                             sequence_rewards)
+from rlhf_jax.models import (Model, combine, completion_values, remat_compiler_options,
+                             score_completions, sequence_rewards)
 from rlhf_jax.ops import kl_k1, masked_mean
 from rlhf_jax.ops.stats import Mean
 from rlhf_jax.parallel import (batch_sharding, fetch, from_main, param_shardings, put,
@@ -323,7 +323,8 @@ class OnPolicyEngine:
         if mesh is None:
             self.frozen = frozen
             self.rollout_jit = jax.jit(self._rollout)
-            self.update_jit = jax.jit(self._update, donate_argnums=(0,))
+            self.update_jit = jax.jit(self._update, donate_argnums=(0,),
+                                      compiler_options=remat_compiler_options())
             self._prompts, self._rows = None, None
             return state
         st_sh = state_shardings(state, mesh, self._param_shardings(params))
@@ -337,7 +338,9 @@ class OnPolicyEngine:
                                                                 self._prompts),
                                    out_shardings=(rows, rows, rep))
         self.update_jit = jax.jit(self._update, in_shardings=(st_sh, fz_sh, rows, rows, rows),
-                                  out_shardings=(st_sh, rep), donate_argnums=(0,))
+                                  out_shardings=(st_sh, rep), donate_argnums=(0,),
+                                  compiler_options=remat_compiler_options(
+                                      mesh.devices.flat[0].platform))
         self.frozen = put(frozen, fz_sh)
         return put(state, st_sh)
 

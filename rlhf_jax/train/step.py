@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax.models.transformer import remat_compiler_options
 from rlhf_jax.ops.aggregation import safe_divide
 from rlhf_jax.ops.stats import Max, Mean, Min, compute_metrics, merge_metrics
 from rlhf_jax.parallel.placement import batch_sharding, put, replicated
@@ -177,7 +178,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         return new_state, out
 
     if mesh is None:
-        jitted = jax.jit(step, donate_argnums=(0,))
+        jitted = jax.jit(step, donate_argnums=(0,), compiler_options=remat_compiler_options())
         if frozen is None:
             return jitted
         return lambda state, batch: jitted(state, batch, frozen)
@@ -185,7 +186,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     st = rep if state_shardings is None else state_shardings
     fz = _frozen_sharding(mesh, frozen, frozen_shardings)
     jitted = jax.jit(step, in_shardings=(st, rows) + fz, out_shardings=(st, rep),
-                     donate_argnums=(0,))
+                     donate_argnums=(0,),
+                     compiler_options=remat_compiler_options(mesh.devices.flat[0].platform))
     frozen_args = () if frozen is None else (put(frozen, fz[0]),)
     return lambda state, batch: jitted(state, put(batch, rows), *frozen_args)
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.models import PRESETS, ModelConfig, abstract_params, get_preset, init_model
+from rlhf_jax.models import (PRESETS, ModelConfig, abstract_params, get_preset, init_model,
+                             model_for, remat_compiler_options)
 
 TOY = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
                   num_heads=4, num_kv_heads=2, heads=("lm", "value", "reward"))
@@ -159,6 +160,35 @@ def test_remat_gives_the_same_gradient(toy):
 
         grads.append(jax.grad(loss)(params))
     chex.assert_trees_all_close(*grads, rtol=1e-5, atol=1e-7)
+
+
+def test_remat_keeps_one_block_of_activations_whatever_the_depth():
+    """Compiled with ``remat_compiler_options`` (as the trainer's steps are), a remat model's
+    gradient holds one block's activations at a time: from 1 to 3 layers its temporaries grow
+    by the 2 saved block inputs alone. Without the options XLA:CPU merges the recomputation
+    into the forward pass and they grow by at least each layer's MLP activations."""
+    tok = _tokens(4, 256)
+
+    def growth(options):
+        temps = []
+        for layers in (1, 3):
+            cfg = TOY.replace(num_layers=layers, remat=True, hidden_size=64,
+                              intermediate_size=512)
+            model = model_for(cfg)
+
+            def loss(p):
+                return jnp.mean(model.apply(p, tok).hidden ** 2)
+
+            compiled = jax.jit(jax.grad(loss), compiler_options=options).lower(
+                abstract_params(cfg)).compile()
+            temps.append(compiled.memory_analysis().temp_size_in_bytes)
+        return temps[1] - temps[0]
+
+    mlp_activations = 3 * 4 * 256 * 512 * 4  # gate, up and their product, float32
+    block_input = 4 * 256 * 64 * 4
+    assert remat_compiler_options("cpu") and remat_compiler_options("gpu") == {}
+    assert growth({}) >= 2 * mlp_activations
+    assert 0 <= growth(remat_compiler_options("cpu")) <= 2 * block_input * 1.1
 
 
 def test_untied_lm_head_and_tied_embedding(toy):
