@@ -121,16 +121,30 @@ def _choose(logits, key, step, cfg: SamplingConfig):
     return tok, jax.nn.log_softmax(z, axis=-1)[rows, tok]
 
 
+def _prefill(model: Model, cfg: SamplingConfig, params, prompts, prompt_mask):
+    """The prompts' KV cache and next-token logits, each prompt's repeated to its ``n`` rows:
+    a group shares one prefill (``n`` times less prompt compute than prefilling every row)."""
+    b, p = prompts.shape
+    out = model.apply(params, prompts, attention_mask=prompt_mask,
+                      cache=model.init_cache(b, p + cfg.max_new_tokens))
+    logits = model.logits(params, out.hidden[:, -1:])[:, 0]  # [B, V]
+    if cfg.n == 1:
+        return out.cache, logits
+    cache = out.cache
+    cache = cache._replace(k=jnp.repeat(cache.k, cfg.n, axis=1),
+                           v=jnp.repeat(cache.v, cfg.n, axis=1),
+                           valid=jnp.repeat(cache.valid, cfg.n, axis=0))
+    return cache, jnp.repeat(logits, cfg.n, axis=0)
+
+
 def _generate(model: Model, cfg: SamplingConfig, params, prompts, prompt_mask, key):
+    cache, logits = _prefill(model, cfg, params, prompts, prompt_mask)
     if cfg.n > 1:
         prompts = jnp.repeat(prompts, cfg.n, axis=0)
         prompt_mask = jnp.repeat(prompt_mask, cfg.n, axis=0)
-    b, p = prompts.shape
+    b = prompts.shape[0]
     c = cfg.max_new_tokens
     eos = jnp.asarray(cfg.eos_ids)
-    out = model.apply(params, prompts, attention_mask=prompt_mask,
-                      cache=model.init_cache(b, p + c))
-    logits = model.logits(params, out.hidden[:, -1:])[:, 0]  # [B, V]
 
     def cond(state):
         step, _, _, _, _, done = state
@@ -150,7 +164,7 @@ def _generate(model: Model, cfg: SamplingConfig, params, prompts, prompt_mask, k
     toks = jnp.full((b, c), cfg.pad_id, jnp.int32)
     logps = jnp.zeros((b, c), jnp.float32)
     done = jnp.zeros((b,), bool)
-    state = (jnp.int32(0), out.cache, logits, toks, logps, done)
+    state = (jnp.int32(0), cache, logits, toks, logps, done)
     _, _, _, toks, logps, done = jax.lax.while_loop(cond, body, state)
     is_eos = jnp.any(toks[..., None] == eos, axis=-1)
     mask = (jnp.cumsum(is_eos, axis=-1) - is_eos) == 0

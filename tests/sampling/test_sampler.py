@@ -157,6 +157,29 @@ def test_n_samples_per_prompt_layout(toy):
     assert len({tuple(r) for r in np.asarray(out.tokens[:3])}) > 1  # samples differ
 
 
+def test_a_group_shares_one_prefill_and_samples_as_repeated_prompts(toy):
+    """``n = 4`` prefills each prompt once and broadcasts its cache to the group's rows: the
+    rows sample exactly what the prompts repeated 4 times (one row each) sample, and the
+    compiled program does fewer flops (the repeated prompts' prefill is 4x the work)."""
+    model, params = toy
+    tokens, mask = pad_prompts(PROMPTS, pad_id=0)
+    base = dict(max_new_tokens=6, eos_ids=(0,), pad_id=0, temperature=1.0)
+    group, single = SamplingConfig(n=4, **base), SamplingConfig(**base)
+    rep = np.repeat(tokens, 4, axis=0), np.repeat(mask, 4, axis=0)
+    key = jax.random.PRNGKey(5)
+    a = make_sampler(model, group)(params, tokens, mask, key)
+    b = make_sampler(model, single)(params, *rep, key)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(np.asarray(a.prompt_tokens), rep[0])
+    np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-6)
+
+    def flops(cfg, *args):
+        lowered = make_sampler(model, cfg).lower(params, *args, key)
+        return lowered.compile().cost_analysis()["flops"]
+
+    assert flops(group, tokens, mask) < flops(single, *rep)
+
+
 def test_filter_logits_hand():
     z = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     # top-p 0.7: 0.5 (mass before 0) and 0.3 (mass before 0.5 < 0.7) stay; 0.15 has 0.8 before
