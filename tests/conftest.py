@@ -9,8 +9,13 @@ import os
 # run time: backend optimisation level 0 compiles them about a third faster (measured on
 # tests/models/test_transformer.py + tests/pipelines/test_grpo.py: 158 s -> 103 s on 2 cores).
 # Every comparison a test makes is between programs compiled under the same flags, and the
-# tolerances against NumPy / transformers hold at either level. Set XLA_FLAGS yourself to override.
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+# tolerances against NumPy / transformers hold at either level. For the same reason the CPU
+# backend's older elemental emitters replace its MLIR fusion emitters, whose compile pipeline costs
+# more than these programs ever run: a third less again (tests/models/test_transformer.py: 77 s
+# -> 54 s; the multi-process test's reference run: 28 s -> 17 s). Set XLA_FLAGS yourself to
+# override.
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+              "--xla_cpu_use_fusion_emitters=false"):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

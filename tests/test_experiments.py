@@ -125,11 +125,19 @@ def test_kl_frontier_runs(tmp_path):
 
 @pytest.mark.parametrize("module", ["rlhf_pipeline", "grpo_arithmetic", "dpo_preference",
                                     "distill", "best_of_n", "overoptimization", "kl_frontier"])
-def test_cli_help_lists_options(module):
-    proc = subprocess.run([sys.executable, "-m", f"experiments.{module}", "--help"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "--runs-root" in proc.stdout and "--seed" in proc.stdout
+def test_cli_help_lists_options(module, monkeypatch, capsys):
+    """``python -m experiments.MODULE --help``, run in this process (``runpy`` executes the
+    module as ``__main__``, as ``-m`` does; ``test_main_job_writes_every_artifact`` launches one
+    in a fresh interpreter)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [f"experiments/{module}.py", "--help"])
+    monkeypatch.delitem(sys.modules, f"experiments.{module}", raising=False)  # as -m finds it
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(f"experiments.{module}", run_name="__main__", alter_sys=True)
+    assert exit_.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "--runs-root" in out and "--seed" in out
 
 
 def test_cli_rejects_unknown_and_badly_typed_options(tmp_path):

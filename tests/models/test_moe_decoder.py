@@ -151,8 +151,9 @@ def test_padding_counts_for_nothing(moe):
     a, b = _tokens(1, 6, seed=5), _tokens(1, 4, seed=6)
     padded = jnp.concatenate([a, jnp.pad(b, ((0, 0), (2, 0)))])
     mask = jnp.ones((2, 6), bool).at[1, :2].set(False)
-    got = moe_aux_loss(model, model.apply(params, padded, attention_mask=mask), mask)
-    za, zb = model.apply(params, a).router_logits, model.apply(params, b).router_logits
+    apply = jax.jit(model.apply)  # eager dispatch of three forwards is slow
+    got = moe_aux_loss(model, apply(params, padded, attention_mask=mask), mask)
+    za, zb = apply(params, a).router_logits, apply(params, b).router_logits
     z = jnp.concatenate([za, zb], axis=1)  # [L_moe, 10, E]: the 10 real tokens
     experts = route(z.reshape(-1, 4), top_k=2, norm_topk_prob=False)[1].reshape(2, 10, 2)
     want = 0.01 * load_balancing_loss(z, experts, num_experts=4, top_k=2)

@@ -144,7 +144,7 @@ def test_bfloat16_compute_keeps_float32_logits():
     ref_model, _ = init_model(cfg.replace(dtype="float32", param_dtype="float32"),
                               jax.random.PRNGKey(0))
     f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-    ref = ref_model.logits(f32, ref_model.apply(f32, _tokens(2, 5)).hidden)
+    ref = ref_model.logits(f32, _apply(ref_model)(f32, _tokens(2, 5)).hidden)
     assert float(jnp.abs(logits - ref).max()) < 0.1  # bf16 rounding only
 
 
@@ -158,7 +158,7 @@ def test_remat_gives_the_same_gradient(toy):
         def loss(p):
             return jnp.mean(model.logits(p, model.apply(p, tok).hidden) ** 2)
 
-        grads.append(jax.grad(loss)(params))
+        grads.append(jax.jit(jax.grad(loss))(params))
     chex.assert_trees_all_close(*grads, rtol=1e-5, atol=1e-7)
 
 
@@ -294,9 +294,10 @@ def test_scoring_applies_the_final_softcap(gemma_like):
     from rlhf_jax.models import score_completions
     model, params = gemma_like
     prompt, completion = _tokens(2, 5), _tokens(2, 4, seed=2)
-    scores = score_completions(model, params, prompt, jnp.ones((2, 5), bool), completion,
-                               jnp.ones((2, 4), bool), temperature=0.7, entropy=True, chunk_v=10)
-    hidden = model.apply(params, jnp.concatenate([prompt, completion], 1)).hidden
+    scores = jax.jit(lambda p: score_completions(
+        model, p, prompt, jnp.ones((2, 5), bool), completion, jnp.ones((2, 4), bool),
+        temperature=0.7, entropy=True, chunk_v=10))(params)
+    hidden = _apply(model)(params, jnp.concatenate([prompt, completion], 1)).hidden
     logits = model.logits(params, hidden[:, 4:8])
     np.testing.assert_allclose(scores.logprobs, ops.token_logprobs(logits, completion,
                                                                     temperature=0.7), atol=1e-5)

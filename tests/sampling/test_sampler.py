@@ -39,6 +39,27 @@ def _recomputed_logprobs(model, params, out, temperature):
     return ops.token_logprobs(logits, out.tokens, temperature=temperature)
 
 
+def _greedy_without_cache(model, params, tokens, mask, n):
+    """Naive greedy decoding: each of ``n`` tokens is the argmax of a full forward pass (no KV
+    cache) over the prompt and the tokens chosen so far. The sequence lives in a fixed
+    ``[B, P + n]`` buffer whose not-yet-written tail is masked out and lies after the position
+    read (causal attention never reaches it), so the forward compiles once, not once per length."""
+    b, p = tokens.shape
+    seq = jnp.concatenate([jnp.asarray(tokens), jnp.zeros((b, n), jnp.int32)], axis=1)
+    seq_mask = jnp.concatenate([jnp.asarray(mask, bool), jnp.zeros((b, n), bool)], axis=1)
+
+    @jax.jit
+    def step(seq, seq_mask, i):  # i: the position to fill
+        hidden = model.apply(params, seq, attention_mask=seq_mask).hidden
+        logits = model.logits(params, jax.lax.dynamic_slice_in_dim(hidden, i - 1, 1, axis=1))
+        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(seq.dtype)
+        return seq.at[:, i].set(nxt), seq_mask.at[:, i].set(True)
+
+    for i in range(p, p + n):
+        seq, seq_mask = step(seq, seq_mask, i)
+    return np.asarray(seq[:, p:])
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=10),
                                 dict(temperature=1.3, top_p=0.8, n=2)])
 def test_sampler_logprobs_equal_trainer_recomputation(toy, kw):
@@ -57,14 +78,7 @@ def test_greedy_equals_argmax_of_full_forward(toy):
     cfg = SamplingConfig(max_new_tokens=8, eos_ids=(60,), pad_id=0, temperature=0.0)
     tokens, mask = pad_prompts(PROMPTS[:2], pad_id=0)
     out = make_sampler(model, cfg)(params, tokens, mask, jax.random.PRNGKey(0))
-    seq, seq_mask = jnp.asarray(tokens), jnp.asarray(mask)
-    fwd = jax.jit(model.apply)
-    for _ in range(8):  # naive decoding without a cache
-        logits = model.logits(params, fwd(params, seq, attention_mask=seq_mask).hidden[:, -1:])
-        nxt = jnp.argmax(logits[:, 0], axis=-1)
-        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
-        seq_mask = jnp.concatenate([seq_mask, jnp.ones((2, 1), bool)], axis=1)
-    expected = np.asarray(seq[:, tokens.shape[1]:])
+    expected = _greedy_without_cache(model, params, tokens, mask, 8)
     got = np.asarray(out.tokens)
     for r in range(2):  # equal up to and including the first EOS (none expected here)
         n = int(out.mask[r].sum())
@@ -89,14 +103,8 @@ def test_gemma_like_greedy_with_cache_equals_argmax_of_full_forward():
     cfg = SamplingConfig(max_new_tokens=10, eos_ids=(60,), pad_id=0, temperature=0.0)
     tokens, mask = pad_prompts(PROMPTS[:2], pad_id=0)
     out = make_sampler(model, cfg)(params, tokens, mask, jax.random.PRNGKey(0))
-    seq, seq_mask = jnp.asarray(tokens), jnp.asarray(mask)
-    fwd = jax.jit(model.apply)
-    for _ in range(10):  # naive decoding without a cache
-        logits = model.logits(params, fwd(params, seq, attention_mask=seq_mask).hidden[:, -1:])
-        nxt = jnp.argmax(logits[:, 0], axis=-1)
-        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
-        seq_mask = jnp.concatenate([seq_mask, jnp.ones((2, 1), bool)], axis=1)
-    expected, got = np.asarray(seq[:, tokens.shape[1]:]), np.asarray(out.tokens)
+    expected = _greedy_without_cache(model, params, tokens, mask, 10)
+    got = np.asarray(out.tokens)
     for r in range(2):  # equal up to and including the first EOS
         n = int(out.mask[r].sum())
         assert n >= 3
@@ -239,8 +247,9 @@ def test_sampled_token_frequencies_match_the_distribution():
     z = jnp.log(jnp.array([0.4, 0.05, 0.25, 0.2, 0.1]))
     n = 200_000
     cfg = SamplingConfig(max_new_tokens=1, eos_ids=(0,), pad_id=0, temperature=0.5)
-    tok, lp = jax.jit(lambda k: _choose(jnp.broadcast_to(z, (n, 5)), k, 3, cfg))(
-        jax.random.PRNGKey(0))
+    # z is an argument, not a closure constant: XLA would constant-fold the [n, 5] cumsum
+    tok, lp = jax.jit(lambda z, k: _choose(jnp.broadcast_to(z, (n, 5)), k, 3, cfg))(
+        z, jax.random.PRNGKey(0))
     p = np.asarray(jax.nn.softmax(z / 0.5))
     freq = np.bincount(np.asarray(tok), minlength=5) / n
     sigma = np.sqrt(p * (1 - p) / n)
