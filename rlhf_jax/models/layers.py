@@ -107,11 +107,12 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if kv is not None:  # write this call's keys/values into the cache, attend over all slots
-            k_all, v_all = kv
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, index, 0, 0))
-            kv, k, v = (k_all, v_all), k_all, v_all
+        if kv is not None:  # write this call's keys/values into layer i's cache slots
+            (k_all, v_all), (i, index) = kv, index
+            at = (i, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+            kv, k, v = (k_all, v_all), k_all[i], v_all[i]
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)  # [B, T, Hkv, G, K]
         scores = jnp.einsum("bthgk,bshk->bhgts", q, k, preferred_element_type=jnp.float32)
@@ -182,7 +183,9 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, inv_freq, allowed, kv=None, index=None):
         """``(x, kv, router_logits)``; the logits ``[B*T, E]`` (float32) of a mixture-of-experts
-        layer, None for a dense one."""
+        layer, None for a dense one. With a cache, ``kv`` is the whole stacked ``(k, v)``
+        (``[L, B, S, Hkv, K]`` each) and ``index`` is ``(this layer's i, first slot)``; the
+        returned ``kv`` has this call's keys and values written at ``[i, :, slot:]``."""
         h, kv = self.attn(self.input_norm(x), positions, inv_freq, allowed, kv, index)
         x = x + (self.attn_out_norm(h) if self.sandwich else h)
         h, router_logits = self.mlp(self.post_attn_norm(x)), None

@@ -12,8 +12,11 @@ segment ids (packed sequences) and, for the sliding layers, the window: one full
 mask, and one RoPE table per layer kind (Gemma 3's local base), each layer picking its pair by
 ``ModelConfig.layer_is_sliding()``, so per-layer attributes are data and one program is compiled
 per shape. The blocks live in ``models.layers``. The KV cache is a pytree
-(``KVCache``) updated with ``dynamic_update_slice`` so a jitted decode step with donated buffers
-updates it in place.
+(``KVCache``): each layer writes its slots of the stacked ``[L, B, S, Hkv, K]`` arrays with one
+``dynamic_update_slice`` and reads its own ``[B, S, Hkv, K]`` slice, so a jitted decode step
+updates the cache in place. (Slicing each layer out, updating the copy and stacking the layers
+again copied the whole cache every step: 1.65x fewer decode tokens/s at the 135M-class shape,
+``benchmarks/rollout.py``.)
 
 Mixture-of-experts layers (``ModelConfig.mlp_kinds()``, a static per-layer choice) route each
 token on its own, so prefill, a decode step and a training forward route alike. Their router
@@ -85,25 +88,22 @@ class Transformer(nnx.Module):
         x = self.embed(tokens)
         if cfg.scale_embeddings:  # HF Gemma: the normaliser is cast to the activations' dtype
             x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
-        new_k, new_v, routers = [], [], []
+        routers = []
+        kv = None if cache is None else (cache.k, cache.v)  # updated in place, layer by layer
         for i, (layer, sliding) in enumerate(zip(self.layers, cfg.layer_is_sliding())):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            index = None if cache is None else cache.index
             freq, mask = (local if sliding else inv_freq), allowed[sliding]
             if cfg.remat and cache is None:
-                x, kv, logits = nnx.remat(lambda m, *a: m(*a))(layer, x, positions, freq, mask)
+                x, _, logits = nnx.remat(lambda m, *a: m(*a))(layer, x, positions, freq, mask)
             else:
-                x, kv, logits = layer(x, positions, freq, mask, kv, index)
+                x, kv, logits = layer(x, positions, freq, mask, kv,
+                                      None if cache is None else (i, cache.index))
             if logits is not None:
                 routers.append(logits)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
         x = self.norm(x)
         routers = jnp.stack(routers) if routers else None  # [L_moe, B*T, E]
         if cache is None:
             return x, None, routers
-        return x, KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.valid, cache.index), routers
+        return x, KVCache(kv[0], kv[1], cache.valid, cache.index), routers
 
 
 def _masks(config: ModelConfig, q_slots, k_slots, k_valid, q_seg, k_seg) -> tuple:

@@ -1,0 +1,224 @@
+"""Rollout speed at the real 135M-class shape: our sampler against transformers ``generate``,
+the machine's bandwidth bound, and where a decode step's time goes, all in one run.
+
+``python -m benchmarks.rollout`` (``--batches 8 32``, ``--prompt``, ``--new``, ``--repeats``,
+``--layers``). The model is the 135M-class Llama (30 layers, d_model 576, SwiGLU 1536, 9 / 3
+heads, vocabulary 49152, tied) with random weights, made by transformers when it is installed
+(and imported by us, so both sides run the same checkpoint) and initialised by us otherwise.
+
+Per batch size, two workloads, temperature 0.7, no top-k / top-p, random prompts of ``prompt``
+tokens:
+
+* ``fixed``: exactly ``new`` tokens per row (no EOS can occur).
+* ``eos``: stop at EOS, where the EOS set is 1/32 of the vocabulary (random weights give a
+  near-uniform next-token distribution, so rows end after ~32 tokens on average, at different
+  steps, as real completions do). Tokens/s counts the tokens up to and including each row's EOS.
+
+Figures: tokens/s of both sides (median of ``repeats`` timed runs after a warm-up); the
+bandwidth bound ``weight bytes / read bandwidth``, the bandwidth measured in the same run as the
+best of XLA's and NumPy's (2 threads) streaming sum over a 512 MiB buffer, so the bound is in
+tokens/s at that batch (``batch / bound seconds per step``) and ours is a fraction of it; and a
+decode step split into its parts, each timed as its own compiled program at the decode shape
+(``ms_per_step``): the blocks (30 layers with their cache update), the LM head, sampling, the
+cache update alone, and the whole step as the sampler's loop body runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks._common import emit, timed, torch_stack
+from rlhf_jax.models import ModelConfig, init_model
+from rlhf_jax.sampling import SamplingConfig, make_sampler
+from rlhf_jax.sampling.sampler import _choose
+
+REAL_135M = ModelConfig(family="llama", vocab_size=49152, hidden_size=576,
+                        intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                        tie_embeddings=True, max_position_embeddings=2048)
+"""The 135M-class shape of issue 16 and 18 (a SmolLM-135M-like Llama)."""
+
+
+def checkpoint(config: ModelConfig, seed: int = 0):
+    """``(model, params, hf_model_or_None)``: one random checkpoint for both sides."""
+    torch, transformers = torch_stack()
+    if torch is None:
+        model, params = init_model(config, jax.random.PRNGKey(seed))
+        return model, params, None
+    from rlhf_jax.models import load_hf_checkpoint, model_for
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_embeddings)
+    hf_model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf_model.save_pretrained(d, safe_serialization=True)
+        cfg, params = load_hf_checkpoint(d)
+    return model_for(cfg), params, hf_model
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> dict:
+    """Streaming read bandwidth (bytes/s): XLA's sum and NumPy's sum on 2 threads."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    _, xla_s = timed(lambda: jax.block_until_ready(total(x)), repeats=repeats)
+    host = np.ones((nbytes // 4,), np.float32)
+    halves = np.array_split(host, 2)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        _, np_s = timed(lambda: list(pool.map(np.sum, halves)), repeats=repeats)
+    return {"xla_gb_s": round(nbytes / xla_s / 1e9, 1), "numpy_gb_s": round(nbytes / np_s / 1e9, 1),
+            "best_bytes_per_s": nbytes / min(xla_s, np_s)}
+
+
+def _median_ms(fn, args, donate: int | None = None, repeats: int = 7) -> float:
+    """Median ms of a jitted ``fn(*args)``; with ``donate`` that argument is donated and the
+    output's same-position value is fed back (as the decode loop does with the cache)."""
+    jitted = jax.jit(fn, donate_argnums=() if donate is None else (donate,))
+    args = list(args)
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        out = jax.block_until_ready(jitted(*args))
+        if i:
+            times.append(time.perf_counter() - t)
+        if donate is not None:
+            args[donate] = out[0] if isinstance(out, tuple) else out
+    return round(1e3 * statistics.median(times), 2)
+
+
+def decode_split(model, params, batch: int, length: int, sampling: SamplingConfig) -> dict:
+    """ms per decode step and its parts, each its own compiled program at the decode shape."""
+    cache = model.init_cache(batch, length)
+    prompt = jnp.ones((batch, length // 2), jnp.int32)
+    cache = jax.jit(lambda p, t, c: model.apply(p, t, cache=c).cache)(params, prompt, cache)
+    tok = jnp.ones((batch, 1), jnp.int32)
+    valid = jnp.ones((batch, 1), bool)
+    key = jax.random.PRNGKey(0)
+    hidden = jnp.ones((batch, 1, model.config.hidden_size), jnp.float32)
+    logits = jnp.zeros((batch, model.config.vocab_size), jnp.float32)
+
+    def blocks(c, p, t):
+        o = model.apply(p, t, attention_mask=valid, cache=c)
+        return o.cache, o.hidden
+
+    def step(c, p, t):
+        o = model.apply(p, t, attention_mask=valid, cache=c)
+        nxt, lp = _choose(model.logits(p, o.hidden)[:, 0], key, 3, sampling)
+        return o.cache, nxt, lp
+
+    def cache_update(c, kv):  # what the blocks do to the cache (layers.Attention)
+        k, v = c.k, c.v
+        for i in range(k.shape[0]):
+            k = jax.lax.dynamic_update_slice(k, kv[None], (i, 0, c.index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v, kv[None], (i, 0, c.index, 0, 0))
+        return c._replace(k=k, v=v, index=c.index + 1), kv
+
+    new_kv = jnp.ones((batch, 1) + cache.k.shape[3:], cache.k.dtype)
+    copy = jax.tree.map(jnp.copy, cache)
+    return {
+        "step": _median_ms(step, (jax.tree.map(jnp.copy, copy), params, tok), donate=0),
+        "blocks": _median_ms(blocks, (jax.tree.map(jnp.copy, copy), params, tok), donate=0),
+        "lm_head": _median_ms(lambda p, h: model.logits(p, h), (params, hidden)),
+        "sampling": _median_ms(lambda z: _choose(z, key, 3, sampling), (logits,)),
+        "cache_update": _median_ms(cache_update, (jax.tree.map(jnp.copy, copy), new_kv),
+                                   donate=0),
+    }
+
+
+def ours(model, params, prompts, mask, sampling: SamplingConfig, repeats: int) -> dict:
+    sample = make_sampler(model, sampling)
+    key = jax.random.PRNGKey(0)
+    box = {}
+
+    def run():
+        box["out"] = jax.block_until_ready(sample(params, prompts, mask, key))
+
+    first, steady = timed(run, repeats=repeats)
+    tokens = int(np.asarray(box["out"].mask).sum())
+    return {"tokens_per_s": round(tokens / steady, 1), "tokens": tokens,
+            "s": round(steady, 3), "compile_s": round(first - steady, 2)}
+
+
+def theirs(hf_model, prompts, sampling: SamplingConfig, repeats: int) -> dict:
+    torch, _ = torch_stack()
+    ids = torch.as_tensor(prompts, dtype=torch.long)
+    fixed = len(sampling.eos_ids) == 1 and sampling.eos_ids[0] >= hf_model.config.vocab_size
+    kw = dict(do_sample=True, temperature=sampling.temperature, top_k=0, top_p=1.0,
+              max_new_tokens=sampling.max_new_tokens, use_cache=True, pad_token_id=0)
+    kw |= ({"min_new_tokens": sampling.max_new_tokens} if fixed else
+           {"eos_token_id": list(sampling.eos_ids)})
+    box = {}
+
+    def run():
+        with torch.no_grad():
+            box["out"] = hf_model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+
+    _, steady = timed(run, repeats=repeats)
+    new = box["out"][:, ids.shape[1]:].numpy()
+    eos = np.isin(new, np.asarray(sampling.eos_ids))
+    before = np.cumsum(eos, axis=1) - eos  # EOS tokens strictly before each position
+    tokens = new.size if fixed else int((before == 0).sum())  # up to each row's first EOS
+    return {"tokens_per_s": round(tokens / steady, 1), "tokens": tokens, "s": round(steady, 3),
+            "torch_threads": torch.get_num_threads()}
+
+
+def workload(model, params, hf_model, batch: int, mode: str, a, bandwidth: float,
+             weight_bytes: int) -> dict:
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(batch)
+    prompts = rng.integers(1, vocab, (batch, a.prompt)).astype(np.int32)
+    mask = np.ones_like(prompts, bool)
+    eos = (vocab,) if mode == "fixed" else tuple(range(vocab - vocab // 32, vocab))
+    sampling = SamplingConfig(max_new_tokens=a.new, eos_ids=eos, pad_id=0, temperature=0.7)
+    rec = {"ours": ours(model, params, prompts, mask, sampling, a.repeats)}
+    bound = batch / (weight_bytes / bandwidth)  # tokens/s if a step only read the weights
+    rec["bound_tokens_per_s"] = round(bound, 1)
+    rec["fraction_of_bound"] = round(rec["ours"]["tokens_per_s"] / bound, 3)
+    if hf_model is not None:
+        rec["transformers"] = theirs(hf_model, prompts, sampling, a.repeats)
+        rec["ratio_ours_over_transformers"] = round(
+            rec["ours"]["tokens_per_s"] / rec["transformers"]["tokens_per_s"], 2)
+    return rec
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--prompt", type=int, default=34)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=int, default=REAL_135M.num_layers,
+                   help="fewer layers for a quick check (the figures are for 30)")
+    a = p.parse_args(argv)
+    model, params, hf_model = checkpoint(REAL_135M.replace(num_layers=a.layers))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    bw = read_bandwidth()
+    out = {"benchmark": "rollout", "model": "135M-class llama (random weights)",
+           "layers": a.layers, "params_m": round(model.config.num_params() / 1e6, 1),
+           "weight_mb": round(weight_bytes / 1e6, 1), "prompt": a.prompt, "new": a.new,
+           "temperature": 0.7, "read_bandwidth": {k: v for k, v in bw.items()
+                                                  if k != "best_bytes_per_s"}}
+    for batch in a.batches:
+        sampling = SamplingConfig(max_new_tokens=a.new, eos_ids=(model.config.vocab_size,),
+                                  pad_id=0, temperature=0.7)
+        out[f"batch_{batch}"] = {
+            mode: workload(model, params, hf_model, batch, mode, a, bw["best_bytes_per_s"],
+                           weight_bytes) for mode in ("fixed", "eos")}
+        out[f"batch_{batch}"]["ms_per_step"] = decode_split(model, params, batch,
+                                                            a.prompt + a.new, sampling)
+    return emit(out)
+
+
+if __name__ == "__main__":
+    main()
