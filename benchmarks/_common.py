@@ -19,6 +19,9 @@ from rlhf_jax.models import ModelConfig, init_model
 
 BENCH_LLAMA = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_layers=8,
                    num_heads=8, num_kv_heads=4, max_position_embeddings=2048)
+REAL_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                 num_heads=9, num_kv_heads=3, max_position_embeddings=2048, tie_embeddings=True)
+"""The 135M-class shape of issues 16 and 18 (a SmolLM-135M-like Llama, tied embeddings)."""
 
 
 def torch_stack():
@@ -33,10 +36,12 @@ def torch_stack():
 
 
 def shared_checkpoint(arch: dict = BENCH_LLAMA, seed: int = 0):
-    """Returns ``(model, params, hf_model_or_None)`` built from one checkpoint."""
+    """Returns ``(model, params, hf_model_or_None)`` built from one checkpoint (``arch``: the
+    ``ModelConfig`` fields of a Llama; untied unless it says ``tie_embeddings``)."""
     torch, transformers = torch_stack()
+    tied = arch.get("tie_embeddings", False)
     if torch is None:
-        cfg = ModelConfig(family="llama", tie_embeddings=False, **arch)
+        cfg = ModelConfig(family="llama", **{"tie_embeddings": False} | arch)
         model, params = init_model(cfg, jax.random.PRNGKey(seed))
         return model, params, None
     from rlhf_jax.models.hf import load_hf_checkpoint
@@ -46,7 +51,7 @@ def shared_checkpoint(arch: dict = BENCH_LLAMA, seed: int = 0):
         vocab_size=arch["vocab_size"], hidden_size=arch["hidden_size"],
         intermediate_size=arch["intermediate_size"], num_hidden_layers=arch["num_layers"],
         num_attention_heads=arch["num_heads"], num_key_value_heads=arch["num_kv_heads"],
-        max_position_embeddings=arch["max_position_embeddings"], tie_word_embeddings=False)
+        max_position_embeddings=arch["max_position_embeddings"], tie_word_embeddings=tied)
     hf_model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
     with tempfile.TemporaryDirectory() as d:
         hf_model.save_pretrained(d, safe_serialization=True)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import emit
+from benchmarks._common import REAL_135M as REAL_135M_ARCH, emit
 from benchmarks._vs_trl import write_tokenizer
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.losses import dpo_loss
@@ -44,9 +44,7 @@ from rlhf_jax.train import (Models, OnPolicyEngine, OptimizerConfig, Rewards,
 from rlhf_jax.train.adapters import adapt, lora_loss
 from rlhf_jax.types import PromptBatch, TokenBatch
 
-REAL_135M = ModelConfig(family="llama", vocab_size=49152, hidden_size=576,
-                        intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
-                        tie_embeddings=True, max_position_embeddings=2048)
+REAL_135M = ModelConfig(family="llama", **REAL_135M_ARCH)
 
 
 def _peak(compiled) -> int:

@@ -28,45 +28,15 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import statistics
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import emit, timed, torch_stack
-from rlhf_jax.models import ModelConfig, init_model
+from benchmarks._common import REAL_135M, emit, shared_checkpoint, timed, torch_stack
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.sampling.sampler import _choose
-
-REAL_135M = ModelConfig(family="llama", vocab_size=49152, hidden_size=576,
-                        intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
-                        tie_embeddings=True, max_position_embeddings=2048)
-"""The 135M-class shape of issue 16 and 18 (a SmolLM-135M-like Llama)."""
-
-
-def checkpoint(config: ModelConfig, seed: int = 0):
-    """``(model, params, hf_model_or_None)``: one random checkpoint for both sides."""
-    torch, transformers = torch_stack()
-    if torch is None:
-        model, params = init_model(config, jax.random.PRNGKey(seed))
-        return model, params, None
-    from rlhf_jax.models import load_hf_checkpoint, model_for
-
-    torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        tie_word_embeddings=config.tie_embeddings)
-    hf_model = transformers.LlamaForCausalLM(hf_cfg).float().eval()
-    with tempfile.TemporaryDirectory() as d:
-        hf_model.save_pretrained(d, safe_serialization=True)
-        cfg, params = load_hf_checkpoint(d)
-    return model_for(cfg), params, hf_model
-
 
 def read_bandwidth(nbytes: int = 512 * 2**20, repeats: int = 5) -> dict:
     """Streaming read bandwidth (bytes/s): XLA's sum and NumPy's sum on 2 threads."""
@@ -198,10 +168,10 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt", type=int, default=34)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--layers", type=int, default=REAL_135M.num_layers,
+    p.add_argument("--layers", type=int, default=REAL_135M["num_layers"],
                    help="fewer layers for a quick check (the figures are for 30)")
     a = p.parse_args(argv)
-    model, params, hf_model = checkpoint(REAL_135M.replace(num_layers=a.layers))
+    model, params, hf_model = shared_checkpoint(REAL_135M | {"num_layers": a.layers})
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bw = read_bandwidth()
     out = {"benchmark": "rollout", "model": "135M-class llama (random weights)",
