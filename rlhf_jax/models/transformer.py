@@ -15,8 +15,8 @@ per shape. The blocks live in ``models.layers``. The KV cache is a pytree
 (``KVCache``): each layer writes its slots of the stacked ``[L, B, S, Hkv, K]`` arrays with one
 ``dynamic_update_slice`` and reads its own ``[B, S, Hkv, K]`` slice, so a jitted decode step
 updates the cache in place. (Slicing each layer out, updating the copy and stacking the layers
-again copied the whole cache every step: 1.65x fewer decode tokens/s at the 135M-class shape,
-``benchmarks/rollout.py``.)
+again copied the whole cache every step; writing in place decodes 1.65x the tokens/s at the
+135M-class shape, ``benchmarks/rollout.py``.)
 
 Mixture-of-experts layers (``ModelConfig.mlp_kinds()``, a static per-layer choice) route each
 token on its own, so prefill, a decode step and a training forward route alike. Their router
