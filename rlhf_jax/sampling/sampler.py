@@ -130,10 +130,9 @@ def _prefill(model: Model, cfg: SamplingConfig, params, prompts, prompt_mask):
     logits = model.logits(params, out.hidden[:, -1:])[:, 0]  # [B, V]
     if cfg.n == 1:
         return out.cache, logits
-    cache = out.cache
-    cache = cache._replace(k=jnp.repeat(cache.k, cfg.n, axis=1),
-                           v=jnp.repeat(cache.v, cfg.n, axis=1),
-                           valid=jnp.repeat(cache.valid, cfg.n, axis=0))
+    c = out.cache
+    cache = c._replace(k=jnp.repeat(c.k, cfg.n, axis=1), v=jnp.repeat(c.v, cfg.n, axis=1),
+                       valid=jnp.repeat(c.valid, cfg.n, axis=0))
     return cache, jnp.repeat(logits, cfg.n, axis=0)
 
 
