@@ -255,3 +255,46 @@ def test_sampled_token_frequencies_match_the_distribution():
     sigma = np.sqrt(p * (1 - p) / n)
     assert np.all(np.abs(freq - p) < 4 * sigma), (freq, p)
     np.testing.assert_allclose(np.asarray(lp), np.log(p)[np.asarray(tok)], rtol=1e-5)
+
+
+def _np_filter(z: np.ndarray, top_k, top_p) -> np.ndarray:
+    """NumPy reference of ``filter_logits``'s kept set, by sorting (float64 probabilities)."""
+    keep = np.ones_like(z, bool)
+    if top_k is not None:
+        kth = np.sort(z, axis=-1)[:, -top_k][:, None]
+        keep &= z >= kth
+    if top_p is not None:
+        zk = np.where(keep, z.astype(np.float64), -np.inf)
+        p = np.exp(zk - zk.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        above = (p[:, None, :] > p[:, :, None]) * p[:, None, :]  # [B, i, j]: p_j if p_j > p_i
+        keep &= above.sum(-1) < top_p
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_filter_logits_matches_sorting_reference(seed):
+    """Property: the bisection thresholds keep exactly the sorted reference's set, ties included
+    (logits drawn from a small grid so that equal values are common)."""
+    r = np.random.default_rng(seed)
+    v = int(r.integers(2, 200))
+    z = (r.integers(-40, 40, (5, v)) / 8.0).astype(np.float32)
+    z[0, : v // 2] = -0.0  # negative zeros count as zeros
+    top_k = int(r.integers(1, v + 1))
+    top_p = float(r.choice([0.05, 0.3, 0.61, 0.9, 0.999]))
+    for k, p in [(top_k, None), (None, top_p), (top_k, top_p)]:
+        kept = np.asarray(filter_logits(jnp.asarray(z), top_k=k, top_p=p)) > -1e29
+        want = _np_filter(z, k, p)
+        np.testing.assert_array_equal(kept, want, err_msg=f"top_k={k} top_p={p}")
+        assert kept.any(-1).all()  # the most likely token always survives
+
+
+def test_filter_logits_on_a_sharded_batch():
+    """Rows split over the 8-device mesh filter exactly as on one device."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    z = jax.random.normal(jax.random.PRNGKey(0), (16, 300)) * 3
+    fn = jax.jit(lambda z: filter_logits(z, top_k=40, top_p=0.8))
+    sharded = fn(jax.device_put(z, NamedSharding(mesh, P("data"))))
+    np.testing.assert_array_equal(np.asarray(sharded), np.asarray(fn(z)))
