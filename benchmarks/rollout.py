@@ -162,13 +162,12 @@ def decode_split(model, params, batch: int, length: int, sampling: SamplingConfi
         return o.cache, nxt, lp
 
     def cache_update(c, kv):  # what the blocks do to the cache (layers.Attention)
-        k, v = c.k, c.v
-        for i in range(k.shape[0]):
-            k = jax.lax.dynamic_update_slice(k, kv[None], (i, 0, c.index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v, kv[None], (i, 0, c.index, 0, 0))
-        return c._replace(k=k, v=v, index=c.index + 1), kv
+        write = lambda x: jax.lax.dynamic_update_slice(x, kv, (0, 0, c.index, 0))  # noqa: E731
+        return c._replace(k=tuple(map(write, c.k)), v=tuple(map(write, c.v)),
+                          index=c.index + 1), kv
 
-    new_kv = jnp.ones((batch, 1) + cache.k.shape[3:], cache.k.dtype)
+    b, h, _, d = cache.k[0].shape
+    new_kv = jnp.ones((b, h, 1, d), cache.k[0].dtype)
 
     def fresh():  # each donating program consumes its own copy of the prompt's cache
         return jax.tree.map(jnp.copy, cache)

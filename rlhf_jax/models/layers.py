@@ -107,19 +107,19 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if kv is not None:  # write this call's keys/values into layer i's cache slots
-            (k_all, v_all), (i, index) = kv, index
-            at = (i, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
-            kv, k, v = (k_all, v_all), k_all[i], v_all[i]
+        keys = "bshk"  # the layout of k and v: [B, S, Hkv, K] without a cache
+        if kv is not None:  # write this call's keys/values into the layer's cache slots
+            k, v = (jax.lax.dynamic_update_slice(
+                cached, new.astype(cached.dtype).transpose(0, 2, 1, 3), (0, 0, index, 0))
+                for cached, new in zip(kv, (k, v)))  # the layer's cache is [B, Hkv, S, K]
+            kv, keys = (k, v), "bhsk"
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)  # [B, T, Hkv, G, K]
-        scores = jnp.einsum("bthgk,bshk->bhgts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum(f"bthgk,{keys}->bhgts", q, k, preferred_element_type=jnp.float32)
         scores = softcap(scores.astype(jnp.float32) * self.scale, self.logit_cap)
         scores = jnp.where(allowed[:, None, None], scores, NEG_INF)  # [B, Hkv, G, T, S]
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhgts,bshk->bthgk", probs, v).reshape(b, t, -1)
+        out = jnp.einsum(f"bhgts,{keys}->bthgk", probs, v).reshape(b, t, -1)
         return self.o_proj(out), kv
 
 
@@ -183,9 +183,9 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, inv_freq, allowed, kv=None, index=None):
         """``(x, kv, router_logits)``; the logits ``[B*T, E]`` (float32) of a mixture-of-experts
-        layer, None for a dense one. With a cache, ``kv`` is the whole stacked ``(k, v)``
-        (``[L, B, S, Hkv, K]`` each) and ``index`` is ``(this layer's i, first slot)``; the
-        returned ``kv`` has this call's keys and values written at ``[i, :, slot:]``."""
+        layer, None for a dense one. With a cache, ``kv`` is this layer's ``(k, v)`` cache
+        (``[B, Hkv, S, K]`` each) and ``index`` the first slot to write; the returned ``kv``
+        has this call's keys and values written at ``[:, :, index:]``."""
         h, kv = self.attn(self.input_norm(x), positions, inv_freq, allowed, kv, index)
         x = x + (self.attn_out_norm(h) if self.sandwich else h)
         h, router_logits = self.mlp(self.post_attn_norm(x)), None

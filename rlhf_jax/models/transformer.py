@@ -11,12 +11,13 @@ causal (key slot <= query slot), key validity (padding and, with a cache, unwrit
 segment ids (packed sequences) and, for the sliding layers, the window: one full and one sliding
 mask, and one RoPE table per layer kind (Gemma 3's local base), each layer picking its pair by
 ``ModelConfig.layer_is_sliding()``, so per-layer attributes are data and one program is compiled
-per shape. The blocks live in ``models.layers``. The KV cache is a pytree
-(``KVCache``): each layer writes its slots of the stacked ``[L, B, S, Hkv, K]`` arrays with one
-``dynamic_update_slice`` and reads its own ``[B, S, Hkv, K]`` slice, so a jitted decode step
-updates the cache in place. (Slicing each layer out, updating the copy and stacking the layers
-again copied the whole cache every step; writing in place decodes 1.65x the tokens/s at the
-135M-class shape, ``benchmarks/rollout.py``.)
+per shape. The blocks live in ``models.layers``. The KV cache is a pytree (``KVCache``) of one
+``[B, Hkv, S, K]`` buffer per layer: each layer writes its slots with one
+``dynamic_update_slice`` and its attention matmuls read the buffer as it lies, so a jitted decode
+step neither copies nor transposes the cache. (Slicing each layer out of stacked arrays and
+stacking them again copied the whole cache every step; writing in place decodes 1.65x the
+tokens/s at the 135M-class shape, and the per-layer ``[B, Hkv, S, K]`` buffers drop the copy of
+each layer's slice and its transposed copy for the matmuls, ``benchmarks/rollout.py``.)
 
 Mixture-of-experts layers (``ModelConfig.mlp_kinds()``, a static per-layer choice) route each
 token on its own, so prefill, a decode step and a training forward route alike. Their router
@@ -43,10 +44,15 @@ from rlhf_jax.ops.masks import last_token_index
 
 
 class KVCache(NamedTuple):
-    """Preallocated keys/values ``[L, B, S, Hkv, K]``, slot validity ``[B, S]``, next slot."""
+    """Preallocated keys and values, one ``[B, Hkv, S, K]`` array per layer; slot validity
+    ``[B, S]``; the next slot.
 
-    k: jax.Array
-    v: jax.Array
+    One buffer per layer, heads before slots: each layer writes its new slots in place and its
+    attention matmuls read the buffer as it lies (batch dimensions first, the contracted one
+    last), so a decode step copies none of the cache (``models.layers.Attention``)."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
@@ -89,21 +95,24 @@ class Transformer(nnx.Module):
         if cfg.scale_embeddings:  # HF Gemma: the normaliser is cast to the activations' dtype
             x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
         routers = []
-        kv = None if cache is None else (cache.k, cache.v)  # updated in place, layer by layer
+        ks, vs = [], []  # each layer's cache, updated in place
         for i, (layer, sliding) in enumerate(zip(self.layers, cfg.layer_is_sliding())):
             freq, mask = (local if sliding else inv_freq), allowed[sliding]
             if cfg.remat and cache is None:
                 x, _, logits = nnx.remat(lambda m, *a: m(*a))(layer, x, positions, freq, mask)
+            elif cache is None:
+                x, _, logits = layer(x, positions, freq, mask)
             else:
-                x, kv, logits = layer(x, positions, freq, mask, kv,
-                                      None if cache is None else (i, cache.index))
+                x, (k, v), logits = layer(x, positions, freq, mask, (cache.k[i], cache.v[i]),
+                                          cache.index)
+                ks.append(k), vs.append(v)
             if logits is not None:
                 routers.append(logits)
         x = self.norm(x)
         routers = jnp.stack(routers) if routers else None  # [L_moe, B*T, E]
         if cache is None:
             return x, None, routers
-        return x, KVCache(kv[0], kv[1], cache.valid, cache.index), routers
+        return x, KVCache(tuple(ks), tuple(vs), cache.valid, cache.index), routers
 
 
 def _masks(config: ModelConfig, q_slots, k_slots, k_valid, q_seg, k_seg) -> tuple:
@@ -221,9 +230,11 @@ class Model:
         if length > c.max_position_embeddings:
             raise ValueError(f"cache length {length} exceeds max_position_embeddings "
                              f"{c.max_position_embeddings}")
-        shape = (c.num_layers, batch, length, c.num_kv_heads, c.dim_per_head)
-        z = jnp.zeros(shape, jnp.dtype(c.dtype))
-        return KVCache(z, z, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+        shape = (batch, c.num_kv_heads, length, c.dim_per_head)
+        k, v = ([jnp.zeros(shape, jnp.dtype(c.dtype)) for _ in range(c.num_layers)]
+                for _ in "kv")
+        return KVCache(tuple(k), tuple(v), jnp.zeros((batch, length), bool),
+                       jnp.zeros((), jnp.int32))
 
 
 def moe_aux_loss(model: Model, output: ModelOutput, attention_mask: Bool[Array, "B T"] | None

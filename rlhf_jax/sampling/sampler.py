@@ -167,8 +167,8 @@ def _prefill(model: Model, cfg: SamplingConfig, params, prompts, prompt_mask):
     if cfg.n == 1:
         return out.cache, logits
     c = out.cache
-    cache = c._replace(k=jnp.repeat(c.k, cfg.n, axis=1), v=jnp.repeat(c.v, cfg.n, axis=1),
-                       valid=jnp.repeat(c.valid, cfg.n, axis=0))
+    rep = lambda x: jnp.repeat(x, cfg.n, axis=0)  # noqa: E731  (rows lead every cache array)
+    cache = c._replace(k=tuple(map(rep, c.k)), v=tuple(map(rep, c.v)), valid=rep(c.valid))
     return cache, jnp.repeat(logits, cfg.n, axis=0)
 
 
