@@ -76,7 +76,8 @@ def ours(policy, params, tokenizer, prompts: np.ndarray, a, counter) -> dict:
         box["i"] += 1
         sl = slice(i * a.prompts, (i + 1) * a.prompts)
         t0 = time.perf_counter()
-        ro, rm, _ = engine.rollout_jit(box["state"], engine.frozen, prompts[sl], mask)
+        s = box["state"]
+        ro, rm, _ = engine.rollout_jit(s.params, s.rng, s.step, engine.frozen, prompts[sl], mask)
         jax.block_until_ready(ro)
         t1 = time.perf_counter()
         host, _ = engine.host_rewards(ro, np.arange(sl.start, sl.stop))

@@ -155,8 +155,9 @@ def grpo_step(model, params, a, tokenizer, lora: LoraConfig | None) -> dict:
         jax.block_until_ready(m["loss"])
 
     step_s = _median_s(run, a.repeats)
-    ro, rm, _ = engine.rollout_jit(box["state"], engine.frozen, prompts, mask)
-    peak = max(_peak(engine.rollout_jit.lower(box["state"], engine.frozen, prompts,
+    s = box["state"]
+    ro, rm, _ = engine.rollout_jit(s.params, s.rng, s.step, engine.frozen, prompts, mask)
+    peak = max(_peak(engine.rollout_jit.lower(s.params, s.rng, s.step, engine.frozen, prompts,
                                               mask).compile()),
                _peak(engine.update_jit.lower(box["state"], engine.frozen, ro,
                                              jnp.zeros(ro.truncated.shape), rm).compile()))

@@ -71,7 +71,8 @@ def ours(ckpt, rm_ckpt, prompts: np.ndarray, a, counter) -> dict:
         i = box["i"] % (len(prompts) // a.batch)
         box["i"] += 1
         t0 = time.perf_counter()
-        ro, rm_scores, _ = engine.rollout_jit(box["state"], engine.frozen,
+        s = box["state"]
+        ro, rm_scores, _ = engine.rollout_jit(s.params, s.rng, s.step, engine.frozen,
                                               prompts[i * a.batch:(i + 1) * a.batch], mask)
         jax.block_until_ready(ro)
         t1 = time.perf_counter()

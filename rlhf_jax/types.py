@@ -148,6 +148,10 @@ METRICS: dict[str, str] = {
     "reward_timeouts": "reward-function calls stopped by rewards.time_limit (their batch "
                        "scored 0)",
     "logprob_diff_sampler_trainer": "mean |sampler log-prob - trainer log-prob| per token",
+    "offpolicy/<name>": "one-step-off rollouts (overlap.max_staleness=1), token means: "
+                        "logprob_diff |log pi_theta_t - log pi_behaviour| (the staleness), "
+                        "is_weight_mean the truncated importance weight min(pi_theta_t / "
+                        "pi_behaviour, C), is_clipped_frac the tokens whose ratio exceeded C",
     "policy_loss": "PPO: clipped surrogate part of the loss",
     "value_loss": "PPO: clipped value part of the loss",
     "policy/<name>": "the policy loss's statistics under the updated params: clip_frac, "

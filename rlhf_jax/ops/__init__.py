@@ -16,6 +16,7 @@ from rlhf_jax.ops.aggregation import (
     seq_mean_token_sum_norm,
     token_mean,
 )
+from rlhf_jax.ops.importance import truncated_importance_weights
 from rlhf_jax.ops.kl import (
     KL_ESTIMATORS,
     LOG_RATIO_CLAMP,
@@ -71,6 +72,7 @@ __all__ = [
     "is_truncated",
     "last_token_index",
     # KL
+    "truncated_importance_weights",
     "kl_k1",
     "kl_k2",
     "kl_k3",

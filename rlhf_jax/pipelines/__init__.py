@@ -22,9 +22,10 @@ this package loads none of them.
 
 from rlhf_jax.parallel import MeshConfig
 from rlhf_jax.pipelines.config import (DataConfig, GenerationConfig, KLConfig, ModelSpec,
-                                       OnPolicyConfig, RewardConfig, SupervisedConfig)
+                                       OnPolicyConfig, OverlapConfig, RewardConfig,
+                                       SupervisedConfig)
 from rlhf_jax.train import LoggingConfig, LoopConfig, OptimizerConfig
 
 __all__ = ["DataConfig", "GenerationConfig", "KLConfig", "LoggingConfig", "LoopConfig",
-           "MeshConfig", "ModelSpec", "OnPolicyConfig", "OptimizerConfig", "RewardConfig",
-           "SupervisedConfig"]
+           "MeshConfig", "ModelSpec", "OnPolicyConfig", "OptimizerConfig", "OverlapConfig",
+           "RewardConfig", "SupervisedConfig"]

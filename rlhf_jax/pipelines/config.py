@@ -182,6 +182,32 @@ class RewardConfig:
                              f"{len(self.functions)} rewards.functions")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OverlapConfig:
+    """Overlap of generation and training (``train.overlap``): where the rollout runs and how
+    stale its params may be."""
+
+    max_staleness: int = 0
+    """0: on-policy (sample, then update). 1: one-step-off: step t+1's batch is sampled with
+    step t's params while update t runs, corrected by truncated importance weights."""
+    is_cap: float = 2.0
+    """With max_staleness=1: C in the per-token weight min(pi_theta_t / pi_behaviour, C)."""
+    rollout_devices: int = 0
+    """Devices (the last ones) that only sample, on a mesh of their own; training uses the
+    others. 0: the rollout runs on the training mesh."""
+
+    def __post_init__(self):
+        if self.max_staleness not in (0, 1):
+            raise ValueError(f"overlap.max_staleness must be 0 (on-policy) or 1 (one-step-off), "
+                             f"got {self.max_staleness}")
+        if not self.is_cap >= 1.0:
+            raise ValueError(f"overlap.is_cap must be >= 1 (a cap below 1 shrinks every "
+                             f"token's weight), got {self.is_cap}")
+        if self.rollout_devices < 0:
+            raise ValueError(f"overlap.rollout_devices must be >= 0, got "
+                             f"{self.rollout_devices}")
+
+
 def refuse_packing(data: DataConfig) -> None:
     """Preference pairs are never packed (each side is its own row)."""
     if data.packing:
@@ -256,10 +282,15 @@ class OnPolicyConfig:
     mesh: MeshConfig | None = MeshConfig()
     """Devices per ``data``/``fsdp``/``tensor`` axis (default: every device data-parallel);
     None runs on one device. Not part of the run's identity: a run resumes on another mesh."""
+    overlap: OverlapConfig = OverlapConfig()
+    """One-step-off rollouts and a rollout sub-mesh (default: neither)."""
     seed: int = 0
     """Seed of the initialisation, the prompt order and every sample."""
 
     def __post_init__(self):
+        if self.overlap.rollout_devices and self.mesh is None:
+            raise ValueError("overlap.rollout_devices needs a mesh (mesh=None runs on one "
+                             "device)")
         if self.data.on_overflow == "truncate":
             raise ValueError("data.on_overflow='truncate' would cut prompts; use 'error' or "
                              "'skip' for prompt data")

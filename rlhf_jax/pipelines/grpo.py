@@ -26,7 +26,10 @@ With one update per rollout (``epochs == num_minibatches == 1`` and ``reuse_logp
 default) the policy that sampled is the policy being updated, so the "old" log-probs are the
 update's own: ``old = stop_gradient(logp)``, the ratio is exactly 1 and its gradient is the
 policy gradient. The rollout then skips a scoring pass of the policy (as TRL does in that
-case); the sampler-vs-trainer log-prob gap is measured inside the update instead.
+case); the sampler-vs-trainer log-prob gap is measured inside the update instead. With
+``overlap.max_staleness=1`` (one-step-off, ``train.overlap``) the rollout was sampled by the
+previous params: the "old" log-probs are still the update's own (the proximal policy), and each
+token's advantage carries the truncated importance weight ``min(pi_theta_t / pi_behav, C)``.
 """
 
 from __future__ import annotations

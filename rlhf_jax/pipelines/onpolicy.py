@@ -23,7 +23,7 @@ from rlhf_jax.pipelines.datasets import load_prompts
 from rlhf_jax.pipelines.run_dir import (config_dict, export_adapter, exported_params, finish_run,
                                         prepare_run_dir)
 from rlhf_jax.pipelines.setup import (base_generation, check_sequence_fits, load_model,
-                                      load_tokenizer, make_mesh, with_adapter)
+                                      load_tokenizer, split_mesh, with_adapter)
 from rlhf_jax.rewards import RewardFn, resolve_reward_function
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train.adapters import Adapted
@@ -49,6 +49,10 @@ class Prepared:
     """The prompts' padded width (training and evaluation): the sampler's prompt slots."""
     data_report: dict
     """Rows per data file, and those skipped (``result.json``'s ``data``)."""
+    train_width: int = 0
+    """The training prompts' padded width (a step's prompts are ``[batch_size, train_width]``)."""
+    rollout_mesh: Any = None
+    """The rollout's own mesh (``overlap.rollout_devices``), None: it samples on ``mesh``."""
 
 
 def prepare(cfg: OnPolicyConfig, *, group_size: int) -> Prepared:
@@ -66,10 +70,11 @@ def prepare(cfg: OnPolicyConfig, *, group_size: int) -> Prepared:
     index = np.arange(len(rows), dtype=np.int32)
     data = BatchIterator((prompts, index), batch_size=cfg.data.batch_size, seed=cfg.seed)
     what = "data.batch_size" + (f" * group_size ({group_size})" if group_size > 1 else "")
-    mesh = make_mesh(cfg.mesh, cfg.data.batch_size * group_size, what=what)
+    mesh, rollout_mesh = split_mesh(cfg.mesh, cfg.data.batch_size * group_size,
+                                    cfg.overlap.rollout_devices, what=what)
     width = max(prompts.tokens.shape[1], 0 if ev is None else ev.tokens.shape[1])
     return Prepared(cfg.output_dir, tokenizer, data, rows, ev, ev_rows, mesh, generation, width,
-                    report)
+                    report, train_width=prompts.tokens.shape[1], rollout_mesh=rollout_mesh)
 
 
 def reward_functions(cfg: OnPolicyConfig, given: Mapping[str, RewardFn] | None,
@@ -196,8 +201,10 @@ def run_onpolicy(cfg: OnPolicyConfig, algo: OnPolicyAlgorithm, *, prep: Prepared
     engine = OnPolicyEngine(algo, models, sampling=sampling_config(cfg, prep.tokenizer,
                                                                    n=group_size),
                             optimizer=optimizer, rewards=rewards, tokenizer=prep.tokenizer,
-                            rows=prep.rows, mesh=prep.mesh)
-    state = engine.init(params, frozen, seed=cfg.seed, algo_state=algo_state)
+                            rows=prep.rows, mesh=prep.mesh, rollout_mesh=prep.rollout_mesh,
+                            max_staleness=cfg.overlap.max_staleness, is_cap=cfg.overlap.is_cap)
+    state = engine.init(params, frozen, seed=cfg.seed, algo_state=algo_state,
+                        prompt_shape=(cfg.data.batch_size, prep.train_width))
     evaluator = eval_fn = None
     if prep.eval_prompts is not None:
         rm_fn = None
@@ -216,7 +223,8 @@ def run_onpolicy(cfg: OnPolicyConfig, algo: OnPolicyAlgorithm, *, prep: Prepared
         eval_fn = lambda s: evaluator(models.policy_params(s.params, engine.frozen))  # noqa
     state, _ = train_loop(cfg.loop, run_dir=prep.run_dir, state=state, step_fn=engine.step,
                           data=prep.data, eval_fn=eval_fn, postfix=postfix,
-                          logging=cfg.logging, hparams=config_dict(cfg))
+                          logging=cfg.logging, hparams=config_dict(cfg),
+                          lookahead=bool(cfg.overlap.max_staleness))
     result = finish_run(prep.run_dir, models.policy.config,
                         exported_params(adapted, state.params["policy"]), prep.tokenizer, state,
                         total_steps=cfg.loop.total_steps, generation=prep.generation,

@@ -163,6 +163,36 @@ def make_mesh(mesh: MeshConfig | None, batch_size: int, *, what: str = "data.bat
     return built
 
 
+def split_mesh(mesh: MeshConfig | None, batch_size: int, rollout_devices: int, *,
+               what: str = "data.batch_size"):
+    """``(training mesh, rollout mesh)``: with ``rollout_devices`` the last that many devices
+    form the rollout's mesh and the others the training one, each laid out by ``mesh`` (an
+    axis of -1 takes what its device set leaves); without, ``(make_mesh(...), None)``. Raises
+    when a mesh does not fit its devices or ``batch_size`` does not split over it."""
+    if not rollout_devices:
+        return make_mesh(mesh, batch_size, what=what), None
+    n = jax.device_count()
+    if mesh is None or jax.process_count() > 1 or not 0 < rollout_devices < n:
+        raise ValueError(f"overlap.rollout_devices={rollout_devices} needs a mesh, one process "
+                         f"and fewer devices than the {n} there are (the rest train)")
+    devices = jax.devices()
+    meshes = []
+    for part, name in ((devices[:n - rollout_devices], "training"),
+                       (devices[n - rollout_devices:], "rollout")):
+        try:
+            built = parallel.make_mesh(mesh, part)
+        except ValueError as e:
+            raise ValueError(f"the {name} mesh on {len(part)} devices (overlap.rollout_devices"
+                             f"={rollout_devices} of {n}): {e}") from None
+        rows = parallel.batch_size_divisor(built)
+        if batch_size % rows:
+            raise ValueError(f"{what} {batch_size} is not divisible by data x fsdp = {rows} of "
+                             f"the {name} mesh {dict(built.shape)} (overlap.rollout_devices="
+                             f"{rollout_devices} of {n} devices)")
+        meshes.append(built)
+    return meshes[0], meshes[1]
+
+
 def model_shardings(mesh, config: ModelConfig, params):
     """``params``' shardings by the family's rules (``parallel.param_shardings``); None
     without a mesh."""

@@ -172,6 +172,7 @@ class _Run:
         self.history: list[dict] = []
         self.pending, self.tokens, self.t0 = [], 0, time.perf_counter()
         self.ledger = self.jsonl = self.bar = None
+        self.position: dict | None = None  # with lookahead: the data position a save records
         self._previous: dict = {}
         self.trackers: list = []
         self.stop_signal: str | None = None
@@ -269,7 +270,8 @@ class _Run:
 
     def save(self, state, step: int) -> None:
         self.skips.check(self.ckpt.latest_step())  # never save past the skip limit
-        self.ckpt.save(step, state, {"data": self.data.state(), "step": step}, force=True)
+        data = self.data.state() if self.position is None else self.position
+        self.ckpt.save(step, state, {"data": data, "step": step}, force=True)
 
     def after_step(self, state, done: int, eval_fn) -> bool:
         """The periodic actions after step ``done``; False when SIGTERM / SIGINT stops the run."""
@@ -321,8 +323,14 @@ def train_loop(
     postfix: tuple[str, ...] = ("loss",),
     logging: LoggingConfig = _LOGGING,
     hparams: dict | None = None,
+    lookahead: bool = False,
 ) -> tuple[Any, list[dict]]:
     """Train ``state`` with ``step_fn`` on ``data`` until ``cfg.total_steps``; resumable.
+
+    ``lookahead``: call ``step_fn(state, batch, next_batch)`` with the batch of the following
+    step too (the one-step-off engine starts that batch's rollout early); the ledger still
+    records ``batch`` at its step and a checkpoint the data position just after ``batch``, so a
+    resumed run takes ``next_batch`` again as its first batch.
 
     ``logging`` picks the sinks besides ``metrics.jsonl``; ``hparams`` (the run's config as
     JSON-able data) goes to the experiment trackers it enables. Returns the final state and
@@ -334,12 +342,16 @@ def train_loop(
         state = run.open(state, hparams)
         if eval_fn is not None and cfg.eval_at_start and run.start == 0:
             run.log(0, dict(eval_fn(state)), "eval")
+        upcoming = None
         for step in range(run.start, cfg.total_steps):
-            batch = data.next()
+            batch = data.next() if upcoming is None else upcoming
+            if lookahead:
+                run.position, upcoming = data.state(), data.next()
             if run.ledger is not None:
                 run.ledger.add(step, _batch_hash(batch))
             run.tokens += tokens_in(batch) if tokens_in else 0
-            state, metrics = step_fn(state, batch)
+            state, metrics = (step_fn(state, batch, upcoming) if lookahead
+                              else step_fn(state, batch))
             run.pending.append(metrics)
             run.skips.note(state)  # async: no host sync per step
             if not run.after_step(state, step + 1, eval_fn):

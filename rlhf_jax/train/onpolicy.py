@@ -1,7 +1,8 @@
 """The one on-policy engine: rollout -> score -> rewards -> advantages -> epochs x minibatches.
 
 Every RL-style stage (PPO, the GRPO family, and whatever comes next) is an
-``OnPolicyAlgorithm``: a few pure functions saying what differs between algorithms
+``OnPolicyAlgorithm`` (declared with ``Models`` and ``Rewards`` in ``train.onpolicy_spec``): a
+few pure functions saying what differs between algorithms
 
 * ``advantages(rollout, algo_state)``: how rewards become advantages (GAE with a critic, group
   baselines, ...) and which rows count (dynamic sampling);
@@ -23,153 +24,45 @@ The engine owns the rest, the same for every algorithm:
 
 Nothing in a step waits on the host unless reward functions need the text. With a mesh, the
 trained params and the frozen models are placed by their families' sharding rules and the
-``prompts x group_size`` rows are split over ``data x fsdp``.
+``prompts x group_size`` rows are split over ``data x fsdp``. The rollout may run on a mesh of
+its own devices (``rollout_mesh``), and one step ahead of the update (``max_staleness=1``,
+one-step-off with truncated importance weights: ``train.overlap``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.data import Tokenizer, decode_completions
-from rlhf_jax.models import (Model, combine, completion_values, remat_compiler_options,
-                             score_completions, sequence_rewards)
+from rlhf_jax.models import (completion_values, remat_compiler_options, score_completions,
+                             sequence_rewards)
 from rlhf_jax.ops import kl_k1, masked_mean
 from rlhf_jax.ops.stats import Mean
 from rlhf_jax.parallel import (batch_sharding, fetch, from_main, param_shardings, put,
                                replicated)
-from rlhf_jax.rewards import RewardFn, call_reward_fns, combine_rewards, nan_means
+from rlhf_jax.rewards import call_reward_fns, combine_rewards, nan_means
 from rlhf_jax.sampling import SamplingConfig, make_sampler
+from rlhf_jax.train.onpolicy_spec import Forward, Models, OnPolicyAlgorithm, Rewards
+from rlhf_jax.train.overlap import Pending, corrected_advantages, correct_rollout, placeholder
 from rlhf_jax.train.state import TrainState, create_train_state, state_shardings, step_key
 from rlhf_jax.train.step import minibatch_updates
 from rlhf_jax.types import Rollout
 
 
-class Forward(NamedTuple):
-    """The updated policy on a minibatch: per completion token, 0 where masked."""
-
-    logprobs: jax.Array
-    entropy: jax.Array | None
-    values: jax.Array | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Models:
-    """The models of an on-policy run. ``policy`` (and ``critic``) train; the others are frozen
-    and their params live in the engine's ``frozen`` dict under the same names."""
-
-    policy: Model
-    reference: Model | None = None
-    """Scored for the KL leash; None: no reference pass at all."""
-    reward: Model | None = None
-    """Reward model scored on device."""
-    critic: Model | None = None
-    """A separate value model (params ``"value"``); None with ``shared_values`` or no critic."""
-    shared_values: bool = False
-    """The value head sits on the policy."""
-    lora: bool = False
-    """The policy is a LoRA model (``train.adapters``): its trained params are the adapter (and
-    any head), its full params ``combine(frozen["base"], params["policy"])``."""
-    reference_of_base: Callable[[Any], Any] | None = None
-    """With ``lora``: the reference is the base with the adapter off, its params this function
-    of ``frozen["base"]`` (``Adapted.reference``); no second copy of the weights exists."""
-    critic_lora: bool = False
-    """The critic is a LoRA adapter plus a value head on ``frozen["value_base"]``."""
-    critic_on_policy_base: tuple[str, ...] | None = None
-    """With ``critic_lora``: the critic's base is ``frozen["base"]`` itself, these top-level
-    entries of it (a second adapter on the policy's base; no second copy)."""
-
-    def configs(self) -> dict:
-        return {k: m.config for k, m in vars(self).items() if isinstance(m, Model)}
-
-    def policy_params(self, params, frozen):
-        """The policy's full params from the trained ones (and the frozen base with LoRA)."""
-        return combine(frozen["base"], params["policy"]) if self.lora else params["policy"]
-
-    def critic_params(self, params, frozen):
-        """The separate critic's full params (its adapter on its frozen base with LoRA)."""
-        if not self.critic_lora:
-            return params["value"]
-        if self.critic_on_policy_base is not None:
-            base = {k: frozen["base"][k] for k in self.critic_on_policy_base}
-            return combine(base, params["value"])
-        return combine(frozen["value_base"], params["value"])
-
-    def reference_params(self, frozen):
-        """The reference's params: its own, or the adapter-off base."""
-        if self.reference_of_base is not None:
-            return self.reference_of_base(frozen["base"])
-        return frozen["reference"]
-
-    def frozen_config(self, name: str):
-        """The model config a frozen entry belongs to (``base``: the policy's, ``value_base``:
-        the critic's)."""
-        owner = {"base": self.policy, "value_base": self.critic}.get(name)
-        return (owner if owner is not None else getattr(self, name)).config
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OnPolicyAlgorithm:
-    """What one on-policy algorithm defines (see the module docstring)."""
-
-    advantages: Callable[[Rollout, Any], tuple[Rollout, dict]]
-    """``(rollout with rewards, algo_state) -> (rollout with advantages [returns, live],
-    metrics)``."""
-    loss: Callable[[Forward, Rollout, Any], tuple]
-    """``(forward, minibatch, algo_state) -> (loss_sum, count, metric accumulators)``; the
-    minibatch's ``mask`` already excludes rows that are not ``live``."""
-    epochs: int = 1
-    """Passes over each rollout."""
-    num_minibatches: int = 1
-    """Optimizer updates per pass."""
-    score_old: bool = True
-    """Score the policy after sampling for the ratio's denominator. False (one update per
-    rollout only): the update's own log-probs stand in (ratio 1), one forward pass fewer."""
-    rollout_entropy: bool = False
-    """Log the sampling policy's entropy (needs ``score_old``)."""
-    loss_entropy: bool = False
-    """The loss reads the updated policy's entropy (a second pass over the vocabulary)."""
-    next_algo_state: Callable[[Any, jax.Array, int], Any] | None = None
-    """``(algo_state, mean per-sequence KL, rollout rows) -> algo_state`` after the updates."""
-
-    def __post_init__(self):
-        if self.epochs < 1 or self.num_minibatches < 1:
-            raise ValueError("epochs and num_minibatches must be >= 1")
-        if not self.score_old and (self.epochs, self.num_minibatches) != (1, 1):
-            raise ValueError("score_old=False needs one update per rollout")
-        if self.rollout_entropy and not self.score_old:
-            raise ValueError("rollout_entropy needs score_old (the entropy comes from that pass)")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Rewards:
-    """How the scalar reward of a completion is made (``pipelines.RewardConfig``, resolved)."""
-
-    functions: Mapping[str, RewardFn] = dataclasses.field(default_factory=dict)
-    weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    model_weight: float = 1.0
-    missing_eos_penalty: float = 0.0
-    non_finite: str = "error"
-    """A non-finite or missing reward: ``error``, or ``drop`` the completion (and its group)
-    from the loss (``rewards.combine_rewards``)."""
-    time_limit: float | None = None
-    """Seconds per reward-function call (None: no limit)."""
-
-
 def _rollout_fn(algo: OnPolicyAlgorithm, models: Models, sampling: SamplingConfig):
-    """``rollout(state, frozen, prompt, prompt_mask) -> (Rollout, reward-model scores | None,
-    metrics)``: sample, then score with every model the algorithm needs."""
+    """``rollout(params, rng, step, frozen, prompt, prompt_mask) -> (Rollout, reward-model
+    scores | None, metrics)``: sample with the key of ``step`` (``fold_in(rng, step)``), then
+    score with every model the algorithm needs."""
     sample = make_sampler(models.policy, sampling)
     temp = sampling.temperature or 1.0
 
-    def rollout(state: TrainState, frozen, prompt, prompt_mask):
-        params = state.params
+    def rollout(params, rng, step, frozen, prompt, prompt_mask):
         policy = models.policy_params(params, frozen)  # merge-free with LoRA
-        out = sample(policy, prompt, prompt_mask, step_key(state))
+        out = sample(policy, prompt, prompt_mask, jax.random.fold_in(rng, step))
         args = (out.prompt_tokens, out.prompt_mask, out.tokens, out.mask)
         old, entropy, values, metrics = out.logprobs, None, None, {}
         if algo.score_old:
@@ -222,9 +115,10 @@ def _reward(ro: Rollout, host, rm, rewards: Rewards):
 
 
 def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimizer,
-               temperature: float, group_size: int):
+               temperature: float, group_size: int, is_cap: float | None):
     """``update(state, frozen, rollout, host rewards | None, reward-model scores | None) ->
-    (state, metrics)``."""
+    (state, metrics)``. ``is_cap``: the rollout is one step old; correct it with truncated
+    importance weights capped there (``train.overlap``); None: the rollout is on-policy."""
     forward = _forward_fn(algo, models, temperature)
 
     def loss_fn(params, frozen, mb: Rollout, _key, algo_state):
@@ -235,7 +129,12 @@ def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimi
             extra["logprob_diff_sampler_trainer"] = Mean(
                 jnp.sum(jnp.where(m, jnp.abs(mb.old_logp - fwd.logprobs), 0.0)),
                 jnp.sum(m, dtype=jnp.float32))
-            mb = mb._replace(old_logp=jax.lax.stop_gradient(fwd.logprobs))
+            prox = jax.lax.stop_gradient(fwd.logprobs)  # the update's params before any step
+            if is_cap is not None:
+                adv, acc = corrected_advantages(mb.advantages, prox, mb.old_logp,
+                                                m & mb.live[:, None], cap=is_cap)
+                mb, extra = mb._replace(advantages=adv), extra | acc
+            mb = mb._replace(old_logp=prox)
         mb = mb._replace(mask=mb.mask & mb.live[:, None])
         total, count, metrics = algo.loss(fwd, mb, algo_state)
         return total, count, metrics | extra
@@ -254,6 +153,10 @@ def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimi
             ro = ro._replace(mask=ro.mask & ok[:, None])  # out of GAE and whitening too
         ro, adv_metrics = algo.advantages(ro, state.algo)
         ro = ro._replace(live=ok if ro.live is None else ro.live & ok)
+        if is_cap is not None and algo.score_old:  # score the proximal policy theta_t once
+            prox = forward(state.params, frozen, ro).logprobs
+            ro, off_metrics = correct_rollout(ro, prox, cap=is_cap)
+            metrics |= off_metrics
         # the scan gathers only what a loss reads: the sampler's log-probs already sit in
         # old_logp when the policy is not scored again, and rewards are in the advantages
         params, opt_state, bad, up = minibatch_updates(
@@ -278,71 +181,123 @@ def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimi
     return update
 
 
+_NO_REWARDS = Rewards()  # the default: no reward functions, the reward model's weight 1
+
+
 class OnPolicyEngine:
     """Compiles an algorithm's rollout and update once and runs one iteration per ``step``.
 
-    ``step(state, (prompt_batch, row_index))`` is the trainer loop's step function: prompts
-    ``[N, P]`` (and their row numbers, for the reward functions' extra columns) in, the updated
-    state and the iteration's metrics out.
+    ``step(state, (prompt_batch, row_index)[, next_batch])`` is the trainer loop's step
+    function: prompts ``[N, P]`` (and their row numbers, for the reward functions' extra
+    columns) in, the updated state and the iteration's metrics out.
+
+    ``rollout_mesh``: a mesh on devices disjoint from ``mesh`` where the rollout runs (the
+    params are copied there before each rollout, the rollout copied back before the update);
+    None: the rollout runs on ``mesh``. ``max_staleness=1``: one-step-off (``train.overlap``):
+    ``step`` also takes the next batch (``train_loop(..., lookahead=True)``), starts its rollout
+    with the current params, and updates on the rollout the previous step started, corrected by
+    importance weights truncated at ``is_cap``; ``init`` then needs ``prompt_shape``.
     """
 
     def __init__(self, algo: OnPolicyAlgorithm, models: Models, *, sampling: SamplingConfig,
-                 optimizer, rewards: Rewards = Rewards(), tokenizer: Tokenizer | None = None,
-                 rows: list[dict] | None = None, mesh=None):
+                 optimizer, rewards: Rewards = _NO_REWARDS, tokenizer: Tokenizer | None = None,
+                 rows: list[dict] | None = None, mesh=None, rollout_mesh=None,
+                 max_staleness: int = 0, is_cap: float = 2.0):
         if rewards.functions and (tokenizer is None or rows is None):
             raise ValueError("reward functions need the tokenizer and the prompt rows")
+        if max_staleness not in (0, 1):
+            raise ValueError(f"max_staleness must be 0 (on-policy) or 1 (one-step-off), got "
+                             f"{max_staleness}")
+        if not is_cap > 0:
+            raise ValueError(f"is_cap must be > 0, got {is_cap}")
+        if rollout_mesh is not None and (mesh is None or set(rollout_mesh.devices.flat)
+                                         & set(mesh.devices.flat)):
+            raise ValueError("rollout_mesh needs a training mesh on other devices")
         self.algo, self.models, self.sampling = algo, models, sampling
         self.optimizer, self.rewards, self.mesh = optimizer, rewards, mesh
+        self.rollout_mesh, self.max_staleness = rollout_mesh, max_staleness
         self.tokenizer, self.rows = tokenizer, rows or []
         self.columns = [k for k in (self.rows[0] if self.rows else {}) if k != "prompt"]
         self._rollout = _rollout_fn(algo, models, sampling)
         self._update = _update_fn(algo, models, rewards, optimizer, sampling.temperature or 1.0,
-                                  sampling.n)
+                                  sampling.n, is_cap if max_staleness else None)
         self.rollout_jit = self.update_jit = None
+        self._produced = None  # the Pending this engine's last step made
 
-    def _param_shardings(self, params) -> dict | None:
-        if self.mesh is None:
+    def _param_shardings(self, params, mesh) -> dict | None:
+        if mesh is None:
             return None
-        sh = {"policy": param_shardings(self.models.policy.config, params["policy"], self.mesh)}
+        sh = {"policy": param_shardings(self.models.policy.config, params["policy"], mesh)}
         if self.models.critic is not None:
-            sh["value"] = param_shardings(self.models.critic.config, params["value"], self.mesh)
+            sh["value"] = param_shardings(self.models.critic.config, params["value"], mesh)
         return sh
 
-    def _frozen_shardings(self, frozen) -> dict | None:
-        if self.mesh is None:
+    def _frozen_shardings(self, frozen, mesh) -> dict | None:
+        if mesh is None:
             return None
-        return {k: param_shardings(self.models.frozen_config(k), v, self.mesh)
+        return {k: param_shardings(self.models.frozen_config(k), v, mesh)
                 for k, v in frozen.items()}
 
-    def init(self, params: dict, frozen: dict, *, seed: int, algo_state=()) -> TrainState:
+    def init(self, params: dict, frozen: dict, *, seed: int, algo_state=(),
+             prompt_shape: tuple[int, int] | None = None) -> TrainState:
         """A fresh state (placed on the mesh), the frozen params placed, both steps compiled.
         ``params``: ``{"policy": ..., ["value": ...]}``; ``frozen``: ``{"reference": ...,
-        "reward": ...}`` for the models that are set, and ``"base"`` with LoRA."""
+        "reward": ...}`` for the models that are set, and ``"base"`` with LoRA.
+        ``prompt_shape``: ``(N, P)`` of a step's prompts, needed with ``max_staleness=1`` (the
+        state then holds a placeholder of the pending rollout, the shape a checkpoint has)."""
+        if self.max_staleness and prompt_shape is None:
+            raise ValueError("max_staleness=1 needs init(..., prompt_shape=(prompts, width))")
         state = create_train_state(params, self.optimizer, seed=seed, algo=algo_state)
-        mesh = self.mesh
+        mesh, rmesh = self.mesh, self.rollout_mesh or self.mesh
+        self._roll_params = None  # rollout params' shardings when they must move there
         if mesh is None:
-            self.frozen = frozen
+            self.frozen = self.rollout_frozen = frozen
             self.rollout_jit = jax.jit(self._rollout)
             self.update_jit = jax.jit(self._update, donate_argnums=(0,),
                                       compiler_options=remat_compiler_options())
-            self._prompts, self._rows = None, None
-            return state
-        st_sh = state_shardings(state, mesh, self._param_shardings(params))
-        fz_sh = self._frozen_shardings(frozen)
-        rep, rows = replicated(mesh), batch_sharding(mesh)
-        # one sample per prompt: the prompts split like the rows; a group: prompts replicated
-        # (their count need not divide the mesh), the prompts x group rows leave split
-        self._prompts = rows if self.sampling.n == 1 else rep
-        self._rows = rows
-        self.rollout_jit = jax.jit(self._rollout, in_shardings=(st_sh, fz_sh, self._prompts,
-                                                                self._prompts),
-                                   out_shardings=(rows, rows, rep))
-        self.update_jit = jax.jit(self._update, in_shardings=(st_sh, fz_sh, rows, rows, rows),
+            self._prompts = self._rows = self._roll_rep = None
+            return self._with_pending(state, prompt_shape)
+        st_sh = state_shardings(state, mesh, self._param_shardings(params, mesh))
+        fz_sh = self._frozen_shardings(frozen, mesh)
+        rep, self._rows = replicated(mesh), batch_sharding(mesh)
+        self.update_jit = jax.jit(self._update, in_shardings=(st_sh, fz_sh) + (self._rows,) * 3,
                                   out_shardings=(st_sh, rep), donate_argnums=(0,),
                                   compiler_options=remat_compiler_options(
                                       mesh.devices.flat[0].platform))
         self.frozen = put(frozen, fz_sh)
-        return put(state, st_sh)
+        roll_p, roll_fz = st_sh.params, fz_sh
+        if rmesh is not mesh:
+            roll_p = self._roll_params = self._param_shardings(params, rmesh)
+            roll_fz = self._frozen_shardings(frozen, rmesh)
+        self.rollout_frozen = self.frozen if rmesh is mesh else put(frozen, roll_fz)
+        rrep, rrows = replicated(rmesh), batch_sharding(rmesh)
+        self._roll_rep = rrep
+        # one sample per prompt: the prompts split like the rows; a group: prompts replicated
+        # (their count need not divide the mesh), the prompts x group rows leave split
+        self._prompts = rrows if self.sampling.n == 1 else rrep
+        self.rollout_jit = jax.jit(self._rollout, in_shardings=(roll_p, rrep, rrep, roll_fz,
+                                                                self._prompts, self._prompts),
+                                   out_shardings=(rrows, rrows, rrep))
+        return self._with_pending(put(state, st_sh), prompt_shape)
+
+    def _with_pending(self, state: TrainState, prompt_shape) -> TrainState:
+        """With ``max_staleness=1``: ``state`` holding a zero ``Pending`` (index -1) shaped and
+        placed like the real one."""
+        if not self.max_staleness:
+            return state
+        n, width = prompt_shape
+        tok = jax.ShapeDtypeStruct((n, width), jnp.int32)
+        shapes = jax.eval_shape(self._rollout, state.params, state.rng, state.step,
+                                self.rollout_frozen, tok, tok.update(dtype=jnp.bool_))
+        pending = Pending(*placeholder(shapes), np.full((n,), -1, np.int32))
+        return state._replace(pending=self._on_training_mesh(pending))
+
+    def _on_training_mesh(self, pending: Pending) -> Pending:
+        """``pending`` placed like the training rows (a checkpoint holds one mesh's arrays)."""
+        if self.mesh is None:
+            return pending
+        rows, rep = self._rows, replicated(self.mesh)
+        return Pending(*(put(x, sh) for x, sh in zip(pending, (rows, rows, rep, rep))))
 
     def _place(self, tree, sharding):
         return tree if sharding is None else put(tree, sharding)
@@ -366,14 +321,67 @@ class OnPolicyEngine:
         means["reward_timeouts"] = float(sum(scores.timeouts.values()))
         return self._place(total, self._rows), means
 
-    def step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-        """One iteration: rollout, host rewards (if any), update."""
-        prompts, index = batch
+    def sample(self, state: TrainState, step, prompts) -> tuple[Rollout, Any, dict]:
+        """Dispatch the rollout of ``prompts`` with ``state``'s params and the key of ``step``
+        (on the rollout mesh, the params copied there first)."""
         tokens, mask = self._place((prompts.tokens, prompts.mask), self._prompts)
-        ro, rm, metrics = self.rollout_jit(state, self.frozen, tokens, mask)
+        params, rng = state.params, state.rng
+        if self._roll_params is not None:
+            params, rng, step = put(params, self._roll_params), *put((rng, step), self._roll_rep)
+        return self.rollout_jit(params, rng, step, self.rollout_frozen, tokens, mask)
+
+    def update(self, state: TrainState, ro: Rollout, rm, index) -> tuple[TrainState, dict]:
+        """Train on a rollout of the prompt rows ``index``: host rewards, the rollout moved to
+        the training mesh, the update (state donated)."""
         host, means = self.host_rewards(ro, index)
+        if self._roll_params is not None:
+            ro, rm = put((ro, rm), self._rows)
         state, up = self.update_jit(state, self.frozen, ro, host, rm)
-        return state, metrics | up | means
+        return state, up | means
+
+    def step(self, state: TrainState, batch, next_batch=None) -> tuple[TrainState, dict]:
+        """One iteration: rollout, host rewards (if any), update; one-step-off (see the class
+        docstring) with ``max_staleness=1``."""
+        if self.max_staleness:
+            return self._step_one_off(state, batch, next_batch)
+        prompts, index = batch
+        ro, rm, metrics = self.sample(state, state.step, prompts)
+        state, up = self.update(state, ro, rm, index)
+        return state, metrics | up
+
+    def _step_one_off(self, state: TrainState, batch, next_batch):
+        if next_batch is None:
+            raise ValueError("max_staleness=1: step(state, batch, next_batch) needs the next "
+                             "batch (train_loop(..., lookahead=True))")
+        pending = state.pending
+        if pending is not self._produced:  # a fresh or restored state: check it first
+            pending = self._first_pending(state, batch)
+        prompts, index = next_batch
+        # dispatched before the update, which then runs while this rollout samples
+        nxt = Pending(*self.sample(state, state.step + 1, prompts), np.asarray(index, np.int32))
+        state, up = self.update(state._replace(pending=()), pending.rollout, pending.rm,
+                                batch[1])
+        nxt = self._produced = self._on_training_mesh(nxt)  # copied once sampled
+        return state._replace(pending=nxt), pending.metrics | up
+
+    def _first_pending(self, state: TrainState, batch) -> Pending:
+        """The pending rollout of a state this engine did not just make: a fresh state's (step
+        0: the batch is sampled now, with ``theta_0``) or a restored one's (checked to be this
+        batch's)."""
+        prompts, index = batch
+        held = np.asarray(fetch(state.pending.index))
+        if np.all(held == -1):
+            step = int(fetch(state.step))
+            if step != 0:
+                raise ValueError(f"the state at step {step} holds no pending rollout; a "
+                                 f"one-step-off run resumes only from its own checkpoints")
+            ro, rm, metrics = self.sample(state, state.step, prompts)
+            return Pending(ro, rm, metrics, held)
+        if not np.array_equal(held, np.asarray(index)):
+            raise ValueError(f"the pending rollout was sampled for prompt rows {held.tolist()} "
+                             f"but this step's batch is rows {np.asarray(index).tolist()}: the "
+                             f"data order differs from the run that saved the state")
+        return state.pending
 
 
 __all__ = ["Forward", "Models", "OnPolicyAlgorithm", "OnPolicyEngine", "Rewards"]

@@ -18,7 +18,9 @@ import optax
 class TrainState(NamedTuple):
     """``step``: updates applied; ``params``; ``opt_state``; ``rng``: base key; ``algo``:
     algorithm state such as ``ops.KLControllerState`` (any pytree, ``()`` when none);
-    ``skipped``: consecutive non-finite-gradient steps that were not applied."""
+    ``skipped``: consecutive non-finite-gradient steps that were not applied; ``pending``: what
+    a step hands to the next one and a resume needs (the one-step-off engine's rollout of the
+    next batch, ``train.onpolicy``; ``()`` otherwise)."""
 
     step: jax.Array
     params: Any
@@ -26,6 +28,7 @@ class TrainState(NamedTuple):
     rng: jax.Array
     algo: Any = ()
     skipped: jax.Array = np.zeros((), np.int32)  # host default: importing touches no device
+    pending: Any = ()
 
 
 def create_train_state(params, optimizer: optax.GradientTransformation, *, seed: int,
@@ -54,4 +57,5 @@ def state_shardings(state: TrainState, mesh, param_shardings=None) -> TrainState
         step=rep, params=param_shardings,
         opt_state=opt_state_shardings(state.opt_state, param_shardings, mesh,
                                       params=state.params),
-        rng=rep, algo=jax.tree.map(lambda _: rep, state.algo), skipped=rep)
+        rng=rep, algo=jax.tree.map(lambda _: rep, state.algo), skipped=rep,
+        pending=jax.tree.map(lambda _: rep, state.pending))

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models import load_hf_checkpoint
-from rlhf_jax.pipelines import (DataConfig, GenerationConfig, KLConfig, ModelSpec,
-                                OptimizerConfig, RewardConfig, grpo)
+from rlhf_jax.pipelines import (DataConfig, GenerationConfig, KLConfig, MeshConfig, ModelSpec,
+                                OptimizerConfig, OverlapConfig, RewardConfig, grpo)
+from rlhf_jax.pipelines.setup import split_mesh
 from rlhf_jax.rewards.verifiers import exact_match_reward
 from tests.pipelines.common import (assert_moved, assert_run_outputs, assert_unchanged, flat,
                                     train_rows)
@@ -119,3 +120,36 @@ def test_one_update_per_rollout_reuses_the_updates_logprobs(world):
         assert 0.0 <= a["logprob_diff_sampler_trainer"] < 1e-4
     _, init = load_hf_checkpoint(world.sft["model_dir"], heads=("lm",))
     assert any(not np.allclose(p_reuse[k], v) for k, v in flat(init).items() if k in p_reuse)
+
+
+def test_grpo_one_step_off_on_a_rollout_sub_mesh(world):
+    """``overlap``: the rollout on the last 4 of the 8 devices (reference and reward model
+    there too), one step ahead of the update on the first 4; the off-policy metrics are logged
+    (the glossary check is ``assert_run_outputs``'s) and the policy trains."""
+    cfg = grpo_config(world, "grpo_overlap", prompts=world.pref["prompts"],
+                      max_prompt_length=24, kl=KLConfig(coef=0.05), mesh=MeshConfig(),
+                      rewards=RewardConfig(model=ModelSpec(path=world.rm["model_dir"])),
+                      overlap=OverlapConfig(max_staleness=1, rollout_devices=4), loop=loop(3))
+    result = grpo.run(cfg)
+    rows = assert_run_outputs(result, steps=3, kind="GRPOConfig")
+    for r in rows:
+        assert 0.0 <= r["offpolicy/is_clipped_frac"] <= 1.0
+        assert r["offpolicy/logprob_diff"] >= 0.0 and r["offpolicy/is_weight_mean"] > 0.0
+    assert rows[0]["offpolicy/logprob_diff"] < 1e-4  # step 0 samples with its own params
+    _, init = load_hf_checkpoint(world.sft["model_dir"], heads=("lm",))
+    assert_moved(result["model_dir"], init, heads=("lm",))
+
+
+def test_overlap_config_checks(world):
+    with pytest.raises(ValueError, match="overlap.max_staleness must be 0"):
+        OverlapConfig(max_staleness=2)
+    with pytest.raises(ValueError, match="overlap.is_cap must be >= 1"):
+        OverlapConfig(is_cap=0.5)
+    with pytest.raises(ValueError, match="overlap.rollout_devices needs a mesh"):
+        grpo_config(world, "x", overlap=OverlapConfig(rollout_devices=4))
+    with pytest.raises(ValueError, match="fewer devices than the 8"):
+        split_mesh(MeshConfig(), 8, 8)
+    with pytest.raises(ValueError, match="the training mesh on 5 devices"):
+        split_mesh(MeshConfig(fsdp=2), 8, 3)
+    with pytest.raises(ValueError, match="not divisible by data x fsdp = 6 of the rollout mesh"):
+        split_mesh(MeshConfig(), 4, 6)  # 4 rows split over the 2 training devices, not 6

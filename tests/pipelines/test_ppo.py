@@ -14,7 +14,7 @@ import pytest
 from rlhf_jax.models import load_hf_checkpoint
 from rlhf_jax.ops import adaptive_kl_update, kl_controller_init
 from rlhf_jax.pipelines import (DataConfig, GenerationConfig, KLConfig, ModelSpec,
-                                OptimizerConfig, RewardConfig, ppo)
+                                OptimizerConfig, OverlapConfig, RewardConfig, ppo)
 from tests.pipelines.common import (assert_moved, assert_run_outputs, assert_states_equal,
                                     read, train_rows)
 from tests.pipelines.conftest import LOG, loop
@@ -150,3 +150,16 @@ def test_ppo_entropy_bonus_only_when_asked(world, shared):
     leaves = zip(jax.tree.leaves(bonus["state"].params["policy"]),
                  jax.tree.leaves(shared["state"].params["policy"]))
     assert any(not np.allclose(np.asarray(a), np.asarray(b), atol=1e-6) for a, b in leaves)
+
+
+def test_ppo_one_step_off(world):
+    """``overlap.max_staleness=1`` with a separate critic and the KL in the reward: the
+    proximal policy is scored before the minibatch updates, the run trains and logs the
+    off-policy metrics."""
+    result = ppo.run(ppo_config(world, "ppo_one_step_off", steps=3, kl=ADAPTIVE_KL,
+                                overlap=OverlapConfig(max_staleness=1)))
+    rows = assert_run_outputs(result, steps=3, kind="PPOConfig")
+    assert rows[0]["offpolicy/logprob_diff"] < 1e-4  # step 0 samples with its own params
+    assert all(0.0 <= r["offpolicy/is_clipped_frac"] <= 1.0 for r in rows)
+    _, init = load_hf_checkpoint(world.sft["model_dir"], heads=("lm",))
+    assert_moved(result["model_dir"], init, heads=("lm",))

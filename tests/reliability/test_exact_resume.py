@@ -1,5 +1,6 @@
-"""Exact resume of every training stage: SFT, DPO, PPO and GRPO, each N = 6 steps straight
-against the same 6 steps broken by two crashes.
+"""Exact resume of every training stage: SFT, DPO, PPO and GRPO (and GRPO one-step-off,
+``overlap.max_staleness=1``, whose checkpoints hold the pending rollout), each N = 6 steps
+straight against the same 6 steps broken by two crashes.
 
 How a crash is simulated, and why it is faithful: the pipeline's ``train_loop`` is wrapped so
 that its step function raises inside step ``k + 1`` (after ``k`` completed steps, after the loop
@@ -23,12 +24,14 @@ GRPO, which shows the key of step ``t`` is a function of ``t`` alone.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 
 from rlhf_jax.pipelines import (DataConfig, GenerationConfig, KLConfig, LoopConfig, ModelSpec,
-                                OptimizerConfig, RewardConfig, dpo, grpo, onpolicy, ppo, sft)
+                                OptimizerConfig, OverlapConfig, RewardConfig, dpo, grpo,
+                                onpolicy, ppo, sft)
 from rlhf_jax.rewards.verifiers import exact_match_reward
 from rlhf_jax.train import Checkpointer, read_jsonl_metrics
 from rlhf_jax.train import supervised as train_supervised
@@ -51,7 +54,7 @@ def _configs(world, root: str) -> dict:
     """Stage -> (module, config factory of an output dir, run kwargs). 3 batches per epoch:
     64 SFT rows / 20, 64 pairs / 20, 32 prompts / 10, 16 arithmetic prompts / 5."""
     sft_model = ModelSpec(path=world.sft["model_dir"])
-    return {
+    stages = {
         "sft": (sft, lambda d: sft.SFTConfig(
             data=DataConfig(train=world.pref["sft"], max_length=48, packing=False,
                             batch_size=20, on_overflow="truncate"),
@@ -80,6 +83,10 @@ def _configs(world, root: str) -> dict:
             kl=KLConfig(coef=0.05), optimizer=OPT, loop=LOOP, logging=QUIET, mesh=None),
             {"reward_fns": {"exact_match": exact_match_reward, "length": length_reward}}),
     }
+    module, make, kwargs = stages["grpo"]
+    stages["grpo_one_step_off"] = (module, lambda d: dataclasses.replace(
+        make(d), overlap=OverlapConfig(max_staleness=1)), kwargs)
+    return stages
 
 
 class _Crash(Exception):
@@ -95,12 +102,12 @@ def _run(module, cfg, kwargs, monkeypatch, *, crash_after: int | None = None) ->
     seen = {}
 
     def train_loop(loop_cfg, *, step_fn, **kw):
-        def step(state, batch):
+        def step(state, *batches):  # (batch) or, one-step-off, (batch, next batch)
             s = int(state.step)
             seen.setdefault("first", s)
             if s == crash_after:
                 raise _Crash(f"simulated crash in step {s + 1}")
-            return step_fn(state, batch)
+            return step_fn(state, *batches)
 
         return real(loop_cfg, step_fn=step, **kw)
 
@@ -130,7 +137,7 @@ def _train_rows(run_dir: str) -> list[dict]:
 
 @pytest.mark.parametrize("stage", [  # SFT and PPO also in tests/pipelines: those with -m slow
     pytest.param("sft", marks=pytest.mark.slow), "dpo", pytest.param("ppo", marks=pytest.mark.slow),
-    "grpo"])
+    "grpo", "grpo_one_step_off"])
 def test_resume_matrix(world, tmp_path, monkeypatch, stage):
     module, make, kwargs = _configs(world, str(tmp_path))[stage]
     straight = _run(module, make(str(tmp_path / "straight")), kwargs, monkeypatch)
@@ -155,6 +162,11 @@ def test_resume_matrix(world, tmp_path, monkeypatch, stage):
     final = _run(module, cfg, kwargs, monkeypatch)
     assert final["first"] == 4 and final["steps"] == STEPS
 
+    if stage != "grpo_one_step_off":
+        assert final["state"].pending == ()
+    else:  # the rollout of the batch after the last one, sampled before the last update
+        assert int(final["state"].pending.index.shape[0]) == 5
+    stage = stage.removesuffix("_one_step_off")
     if stage in ("ppo", "grpo"):  # the trained tree the comparison covers: critic included
         want_keys = {"policy", "value"} if stage == "ppo" else {"policy"}
         assert set(final["state"].params) == set(straight["state"].params) == want_keys
