@@ -52,6 +52,8 @@ def _mean(x):
 # name -> (function of the input dict, names of its batch-sharded inputs)
 CASES = {
     "token_logprobs": lambda a: O.token_logprobs(a["logits"], a["targets"], temperature=0.7),
+    "truncated_importance_weights": lambda a: O.truncated_importance_weights(
+        a["logp"], a["old_logp"], a["mask"], cap=1.5),
     "entropy_from_logits": lambda a: O.entropy_from_logits(a["logits"]),
     "chunked_token_logprobs": lambda a: O.chunked_token_logprobs(
         a["hidden"], a["unembed"], a["targets"], chunk_t=5, chunk_v=7),
