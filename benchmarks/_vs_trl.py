@@ -102,7 +102,8 @@ def _hf_config(transformers, arch: dict, cls_name: str):
         vocab_size=arch["vocab_size"], hidden_size=arch["hidden_size"],
         intermediate_size=arch["intermediate_size"], num_hidden_layers=arch["num_layers"],
         num_attention_heads=arch["num_heads"], num_key_value_heads=arch["num_kv_heads"],
-        max_position_embeddings=arch["max_position_embeddings"], tie_word_embeddings=False,
+        max_position_embeddings=arch["max_position_embeddings"],
+        tie_word_embeddings=arch.get("tie_embeddings", False),
         pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=None, num_labels=1,
         architectures=[cls_name])
 
@@ -128,7 +129,7 @@ def load_ours(directory: str | None, *, heads: tuple[str, ...], arch: dict = SMA
     """``(Model, params)``: imported from ``directory``, or (no transformers) initialised by us
     on the same architecture."""
     if directory is None:
-        cfg = ModelConfig(family="llama", tie_embeddings=False, heads=heads, **arch)
+        cfg = ModelConfig(family="llama", heads=heads, **{"tie_embeddings": False} | arch)
         return init_model(cfg, jax.random.PRNGKey(seed))
     from rlhf_jax.models import load_hf_checkpoint
 
@@ -256,18 +257,82 @@ def summarize(ours: dict, theirs: dict | None, *, unit: str, work: float) -> dic
     return rec
 
 
-def parse_args(description: str, argv, **ints: int):
+def parse_args(description: str, argv, *, flags: tuple = (), **ints: int):
     """The workload flags ``--name N`` (one per keyword, its default; ``prompt_len`` is spelled
-    ``--prompt-len``), ``--repeats`` among them, plus ``--no-trl``. Returns ``(args, a fresh
-    CompileCounter, whether TRL runs)``: torch/trl installed and not ``--no-trl``."""
+    ``--prompt-len``), ``--repeats`` among them, plus ``--no-trl`` and ``flags`` (``(name,
+    argparse keywords)`` pairs). Returns ``(args, a fresh CompileCounter, whether TRL runs)``:
+    torch/trl installed and not ``--no-trl``."""
     import argparse
 
     p = argparse.ArgumentParser(description=description.splitlines()[0])
     for name, default in ints.items():
         p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    for name, kw in flags:
+        p.add_argument(name, **kw)
     p.add_argument("--no-trl", action="store_true", help="run our side only")
     a = p.parse_args(argv)
     return a, CompileCounter(), trl_stack()[0] is not None and not a.no_trl
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+def current_rss_mib() -> float:
+    """This process's resident set now (``/proc/self/statm``), MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far (``ru_maxrss``, KiB on Linux), MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(queue, fn, args, kw):
+    try:
+        queue.put(("ok", fn(*args, **kw), peak_rss_mib()))
+    except BaseException:  # the parent re-raises it: a failed child never passes for a result
+        import traceback
+
+        queue.put(("error", traceback.format_exc(), None))
+        raise
+
+
+def in_child(fn, *args, **kw):
+    """``(fn(*args, **kw), the child's peak RSS in MiB)`` from a fresh (spawned) process, so
+    that what ``fn`` allocates (torch, TRL) neither counts in our peak RSS nor stays resident
+    here. ``fn`` must be a module-level function; the child imports its module (jax included,
+    no arrays)."""
+    import multiprocessing
+    import queue as queue_mod
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, fn, args, kw))
+    proc.start()
+    while True:  # a child killed outright (out of memory) puts nothing: stop waiting then
+        try:
+            status, out, rss = queue.get(timeout=10)
+            break
+        except queue_mod.Empty:
+            if not proc.is_alive():
+                status, out, rss = "error", "no result", None
+                break
+    proc.join()
+    if status != "ok" or proc.exitcode != 0:
+        raise RuntimeError(f"{fn.__name__} failed in its process (exit {proc.exitcode}):\n{out}")
+    return out, rss
+
+
+def compiled_memory_mib(compiled) -> dict:
+    """A compiled program's ``memory_analysis()`` in MiB: arguments, outputs, aliased (donated
+    arguments reused as outputs), temporaries, and ``peak = argument + output - alias +
+    temp`` (what the program needs at once, its inputs included)."""
+    m = compiled.memory_analysis()
+    b = {k: getattr(m, f"{k}_size_in_bytes") for k in ("argument", "output", "alias", "temp")}
+    b["peak"] = b["argument"] + b["output"] - b["alias"] + b["temp"]
+    return {k: round(v / 2**20, 1) for k, v in b.items()}
 
 
 def random_prompts(rows: int, length: int, vocab: int = SMALL_LLAMA["vocab_size"]) -> np.ndarray:

@@ -15,6 +15,24 @@ AdamW update (constant lr, clipping 1.0). Defaults: 4 prompts x 4 = 16 completio
 * TRL: ``GRPOTrainer.train()`` (transformers ``generate``, reference forward, reward, loss,
   backward, step), timed per step by a callback.
 
+``--real-shape`` (issue 18): the 135M-class checkpoint (``_common.REAL_135M``: 30 layers,
+d_model 576, vocab 49152, tied; built by transformers, imported by us: the same weights both
+sides) with a 49152-word tokenizer, 8 prompts x 4 of 32 tokens, 32 new tokens, ``--repeats 2``
+by default (TRL's steps take tens of seconds each on a 2-core CPU). It also reports our memory:
+
+* ``ours_memory_mib``: the compiled rollout's and update's ``memory_analysis`` (argument,
+  output, alias = donated arguments reused as outputs, temp, and peak = argument + output -
+  alias + temp; deterministic), and the bytes held between steps (state + frozen reference);
+* ``ours_peak_rss_mib``: ``ru_maxrss`` read right after our timed steps, before anything else
+  runs: TRL runs afterwards in a spawned process (``trl_peak_rss_mib``, that process's own
+  ``ru_maxrss``, its ``import jax`` included) and torch builds the checkpoint in another, so
+  neither counts here. ``rss_before_ours_mib`` is the resident set just before our side (the
+  interpreter, jax and torch imports).
+
+``--remat`` (default on with ``--real-shape``: same math, about a third more update compute)
+recomputes the policy's blocks in the backward pass; ``--reference-dtype bfloat16`` holds the
+frozen reference in bfloat16 (its log-probs stay float32). TRL's side is unchanged by both.
+
 ``ours_breakdown_s`` splits our step with ``block_until_ready`` between phases: the rollout
 function's parts timed as separate jitted calls (generation, reference scoring, and, for
 comparison, the policy scoring pass that ``reuse_logprobs`` saves),
@@ -24,25 +42,41 @@ minus its steady state.
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import tempfile
 import time
 
 import jax
 import numpy as np
 
-from benchmarks._common import emit
-from benchmarks._vs_trl import (SMALL_LLAMA, hf_tokenizer, load_ours, make_checkpoint,
-                                make_step_clock, parse_args, r, random_prompts, summarize,
-                                time_ours, trl_common_args, versions, word_text, write_tokenizer)
+from benchmarks._common import REAL_135M, emit
+from benchmarks._vs_trl import (SMALL_LLAMA, compiled_memory_mib, current_rss_mib, hf_tokenizer,
+                                in_child, load_ours, make_checkpoint, make_step_clock,
+                                parse_args, peak_rss_mib, r, random_prompts, summarize,
+                                time_ours, trl_common_args, trl_stack, versions, word_text,
+                                write_tokenizer)
 from rlhf_jax.data import Tokenizer
-from rlhf_jax.models import score_completions
+from rlhf_jax.models import model_for, score_completions
 from rlhf_jax.pipelines.config import KLConfig
 from rlhf_jax.pipelines.grpo import GRPOAlgorithmConfig, grpo_algorithm
 from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.train import Models, OnPolicyEngine, OptimizerConfig, Rewards, make_optimizer
 
 LR, BETA = 1e-5, 0.04
+SMALL = dict(prompts=4, group=4, prompt_len=32, new=64, repeats=3)
+REAL = dict(prompts=8, group=4, prompt_len=32, new=32, repeats=2)
+"""``--real-shape``: issue 18's workload (8 prompts x 4, 32 new tokens) on ``REAL_135M``."""
+FLAGS = (
+    ("--real-shape", dict(action="store_true", help="the 135M-class checkpoint (REAL_135M) and "
+                          "issue 18's workload; defaults --prompts 8 --new 32 --repeats 2")),
+    ("--remat", dict(action=argparse.BooleanOptionalAction, default=None,
+                     help="recompute the policy's blocks in the backward (default: on with "
+                          "--real-shape, off otherwise)")),
+    ("--reference-dtype", dict(choices=("float32", "bfloat16"), default="float32",
+                               help="the frozen reference's parameter and compute dtype")),
+)
 
 
 def even_token_reward(prompts, completions, **_):
@@ -54,7 +88,29 @@ def even_token_reward(prompts, completions, **_):
     return out
 
 
-def ours(policy, params, tokenizer, prompts: np.ndarray, a, counter) -> dict:
+def reference_of(model, params, dtype: str):
+    """The frozen reference: the policy's weights in ``dtype`` (the policy's own config but for
+    ``remat``, which only matters where gradients flow)."""
+    cfg = model.config.replace(remat=False)
+    if dtype == "float32":
+        return model_for(cfg), jax.tree.map(lambda x: x.copy(), params)
+    return (model_for(cfg.replace(param_dtype=dtype, dtype=dtype)),
+            jax.tree.map(lambda x: x.astype(dtype), params))
+
+
+def program_memory(engine, state, prompts, mask) -> dict:
+    """The compiled rollout and update programs' ``memory_analysis`` (MiB) on this workload,
+    and the bytes held between steps (state and frozen params)."""
+    args = (state.params, state.rng, state.step, engine.frozen, prompts, mask)
+    rollout = engine.rollout_jit.lower(*args).compile()
+    ro, rm, _ = rollout(*args)
+    update = engine.update_jit.lower(state, engine.frozen, ro, None, rm).compile()
+    held = sum(x.nbytes for x in jax.tree.leaves((state, engine.frozen)))
+    return {"rollout": compiled_memory_mib(rollout), "update": compiled_memory_mib(update),
+            "held_between_steps": r(held / 2**20, 1)}
+
+
+def ours(policy, params, reference, tokenizer, prompts: np.ndarray, a, counter) -> dict:
     algo = grpo_algorithm(GRPOAlgorithmConfig(variant="grpo", group_size=a.group, epochs=1,
                                               num_minibatches=1),
                           KLConfig(coef=BETA, estimator="k3"), max_new_tokens=a.new)
@@ -62,9 +118,9 @@ def ours(policy, params, tokenizer, prompts: np.ndarray, a, counter) -> dict:
                               pad_id=tokenizer.pad_id, temperature=1.0, n=a.group)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=LR, schedule="constant",
                                                max_grad_norm=1.0), 1000)
-    ref_params = jax.tree.map(lambda x: x.copy(), params)
+    ref_model, ref_params = reference
     rows = [{"prompt": word_text(p)} for p in prompts]
-    engine = OnPolicyEngine(algo, Models(policy=policy, reference=policy), sampling=sampling,
+    engine = OnPolicyEngine(algo, Models(policy=policy, reference=ref_model), sampling=sampling,
                             optimizer=optimizer, rewards=Rewards(functions={
                                 "even": even_token_reward}), tokenizer=tokenizer, rows=rows)
     mask = np.ones((a.prompts, a.prompt_len), bool)
@@ -95,22 +151,29 @@ def ours(policy, params, tokenizer, prompts: np.ndarray, a, counter) -> dict:
                         "update": r(med[2])}
     res["compile_breakdown"] = {"rollout": r(first[0] - med[0], 2),
                                 "update": r(first[2] - med[2], 2)}
-    res["breakdown"] |= rollout_parts(policy, box["state"].params["policy"], ref_params,
+    if a.real_shape:  # before anything else runs: our peak so far is the step's
+        res["peak_rss_mib"] = r(peak_rss_mib(), 1)
+        res["memory"] = program_memory(engine, box["state"], prompts[:a.prompts], mask)
+    res["breakdown"] |= rollout_parts(policy, box["state"].params["policy"], reference,
                                       sampling, prompts[:a.prompts], mask, a.repeats)
     return res
 
 
-def rollout_parts(policy, params, ref_params, sampling, prompts, mask, repeats) -> dict:
+def rollout_parts(policy, params, reference, sampling, prompts, mask, repeats) -> dict:
     """The rollout's three parts as separate jitted calls (median of ``repeats``)."""
     sample = make_sampler(policy, sampling)
-    score = jax.jit(lambda p, o: score_completions(policy, p, o.prompt_tokens, o.prompt_mask,
-                                                   o.tokens, o.mask, temperature=1.0).logprobs)
+
+    def scorer(model):
+        return jax.jit(lambda p, o: score_completions(model, p, o.prompt_tokens, o.prompt_mask,
+                                                      o.tokens, o.mask, temperature=1.0).logprobs)
+
+    score, ref_score, ref_params = scorer(policy), scorer(reference[0]), reference[1]
     key = jax.random.PRNGKey(1)
     out = jax.block_until_ready(sample(params, prompts, mask, key))
-    jax.block_until_ready(score(params, out))
+    jax.block_until_ready((score(params, out), ref_score(ref_params, out)))
     parts = {"rollout.generate": lambda: sample(params, prompts, mask, key),
              "saved.policy_logprobs": lambda: score(params, out),  # not in the rollout
-             "rollout.reference_logprobs": lambda: score(ref_params, out)}
+             "rollout.reference_logprobs": lambda: ref_score(ref_params, out)}
     res = {}
     for name, fn in parts.items():
         runs = []
@@ -123,6 +186,7 @@ def rollout_parts(policy, params, ref_params, sampling, prompts, mask, repeats) 
 
 
 def theirs(ckpt: str, tok_dir: str, prompts: np.ndarray, a) -> dict:
+    trl_stack()  # torch's thread count, as in every benchmark
     import datasets
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig as TRLGRPOConfig, GRPOTrainer
@@ -146,23 +210,35 @@ def theirs(ckpt: str, tok_dir: str, prompts: np.ndarray, a) -> dict:
 
 
 def main(argv=None) -> dict:
-    a, counter, has_trl = parse_args(__doc__, argv, prompts=4, group=4, prompt_len=32, new=64,
-                                     repeats=3)
-    prompts = random_prompts(a.prompts * (a.repeats + 1), a.prompt_len)
+    real = "--real-shape" in (sys.argv[1:] if argv is None else argv)  # picks the defaults
+    a, counter, has_trl = parse_args(__doc__, argv, flags=FLAGS, **(REAL if real else SMALL))
+    a.remat = a.real_shape if a.remat is None else a.remat
+    arch = REAL_135M if a.real_shape else SMALL_LLAMA
+    prompts = random_prompts(a.prompts * (a.repeats + 1), a.prompt_len, arch["vocab_size"])
     with tempfile.TemporaryDirectory() as d:
-        tok_dir = write_tokenizer(f"{d}/tok", SMALL_LLAMA["vocab_size"])
-        ckpt = make_checkpoint(f"{d}/policy") if has_trl else None
-        model, params = load_ours(ckpt, heads=("lm",))
-        mine = ours(model, params, Tokenizer.load(tok_dir), prompts, a, counter)
-        trl_res = theirs(ckpt, tok_dir, prompts, a) if has_trl else None
-    rec = {"benchmark": "grpo_vs_trl", "prompts": a.prompts, "group": a.group,
-           "completions": a.prompts * a.group, "prompt_len": a.prompt_len, "new_tokens": a.new,
-           "beta": BETA, "params": model.config.num_params(), "target_ratio": 5.0,
-           "ours_cache_sizes": mine["cache_sizes"]}
+        tok_dir = write_tokenizer(f"{d}/tok", arch["vocab_size"])
+        # torch builds the checkpoint in its own process: none of it stays resident here
+        ckpt = in_child(make_checkpoint, f"{d}/policy", arch=arch)[0] if has_trl else None
+        rss_before = current_rss_mib()
+        model, params = load_ours(ckpt, heads=("lm",), arch=arch)
+        model = model_for(model.config.replace(remat=a.remat))
+        reference = reference_of(model, params, a.reference_dtype)
+        mine = ours(model, params, reference, Tokenizer.load(tok_dir), prompts, a, counter)
+        del params, reference
+        trl_res, trl_rss = (in_child(theirs, ckpt, tok_dir, prompts, a) if has_trl
+                            else (None, None))
+    rec = {"benchmark": "grpo_vs_trl", "real_shape": a.real_shape, "prompts": a.prompts,
+           "group": a.group, "completions": a.prompts * a.group, "prompt_len": a.prompt_len,
+           "new_tokens": a.new, "beta": BETA, "params": model.config.num_params(),
+           "remat": a.remat, "reference_dtype": a.reference_dtype,
+           "target_ratio": 3.0 if a.real_shape else 5.0, "ours_cache_sizes": mine["cache_sizes"]}
     rec |= summarize(mine, trl_res, unit="s/step", work=1)
     rec |= {"ours_breakdown_s": mine["breakdown"],
-            "ours_compile_breakdown_s": mine["compile_breakdown"], "versions": versions()}
-    return emit(rec)
+            "ours_compile_breakdown_s": mine["compile_breakdown"]}
+    if a.real_shape:
+        rec |= {"ours_memory_mib": mine["memory"], "ours_peak_rss_mib": mine["peak_rss_mib"],
+                "rss_before_ours_mib": r(rss_before, 1), "trl_peak_rss_mib": r(trl_rss, 1)}
+    return emit(rec | {"versions": versions()})
 
 
 if __name__ == "__main__":

@@ -47,7 +47,11 @@ class ModelSpec:
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """``ModelConfig`` fields replacing the preset's (e.g. ``{"num_layers": 2}``)."""
     dtype: str | None = None
-    """Parameter and compute dtype override (``float32``, ``bfloat16``)."""
+    """Parameter and compute dtype override (``float32``, ``bfloat16``). A frozen reference in
+    ``bfloat16`` halves its memory; its log-probs are still float32."""
+    remat: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (less
+    memory, about a third more compute); for a model the stage trains."""
     lora: LoraConfig | None = None
     """Train a LoRA adapter (plus any new head) on the frozen base instead of every weight;
     the base with the adapter off is then the reference (``models.lora``). None: full weights.

@@ -83,10 +83,11 @@ def load_model(spec: ModelSpec, *, heads: tuple[str, ...], vocab_size: int, seed
         if config.vocab_size < vocab_size:
             raise ValueError(f"model at {spec.path} has vocab_size {config.vocab_size} < the "
                              f"tokenizer's {vocab_size}")
-        return model_for(config), params
+        return model_for(config.replace(remat=spec.remat)), params
     extra = {"param_dtype": spec.dtype, "dtype": spec.dtype} if spec.dtype else {}
+    extra |= {"remat": True} if spec.remat else {}
     config = get_preset(spec.preset, vocab_size=vocab_size, heads=heads,
-                        **dict(spec.overrides), **extra)
+                        **(dict(spec.overrides) | extra))
     return init_model(config, jax.random.PRNGKey(seed))
 
 

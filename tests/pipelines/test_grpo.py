@@ -153,3 +153,27 @@ def test_overlap_config_checks(world):
         split_mesh(MeshConfig(fsdp=2), 8, 3)
     with pytest.raises(ValueError, match="not divisible by data x fsdp = 6 of the rollout mesh"):
         split_mesh(MeshConfig(), 4, 6)  # 4 rows split over the 2 training devices, not 6
+
+
+def test_remat_policy_and_bfloat16_reference(world):
+    """``policy.remat`` and a ``bfloat16`` reference (the memory savers of
+    ``benchmarks.grpo_vs_trl --real-shape``): the loaded models say so, the first step samples
+    what the plain run samples, and its KL to the bfloat16 copy of the policy stays at bfloat16
+    rounding (the plain run's is float32 rounding)."""
+    fns = {"exact_match": exact_match_reward, "length": length_reward}
+    rows = {}
+    for saver in (False, True):
+        spec = ModelSpec(path=world.sft["model_dir"], remat=saver)
+        ref = ModelSpec(path=world.sft["model_dir"], dtype="bfloat16") if saver else None
+        result = grpo.run(grpo_config(world, f"grpo_saver_{saver}", policy=spec, reference=ref,
+                                      kl=KLConfig(coef=0.05), algorithm=algo(num_minibatches=1)),
+                          reward_fns=fns)
+        rows[saver] = train_rows(result["run_dir"])
+        models = result["models"]
+        assert models.policy.config.remat is saver
+        assert models.reference.config.param_dtype == ("bfloat16" if saver else "float32")
+    plain, saved = rows[False][0], rows[True][0]
+    for key in ("reward", "response_length"):
+        assert saved[key] == plain[key], key  # the same completions
+    assert abs(plain["kl"]) < 1e-4 and 0.0 < abs(saved["kl"]) < 0.05
+    assert all(np.isfinite(r["loss"]) for r in rows[True])

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax.models import get_preset, init_model
+from rlhf_jax.models import get_preset, init_model, model_for
 from rlhf_jax.ops.stats import Max, Mean
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train import Forward, Models, OnPolicyAlgorithm, OnPolicyEngine, Rewards
@@ -310,3 +310,49 @@ def test_rows_that_are_not_live_contribute_nothing():
     # and the odd rows do matter when live: the full run's gradient differs
     g_full = flat(runs()["reused"][0][0].opt_state)
     assert any(not np.allclose(g_full[k], g_drop[k], rtol=1e-3, atol=1e-5) for k in g_drop)
+
+
+# --- memory: donation, a bfloat16 reference -------------------------------------------------
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_update_donates_the_state_it_replaces():
+    """The compiled update aliases the whole state (params and optimizer state) to its output:
+    ``memory_analysis`` reports at least those bytes as aliased, and the old state's buffers
+    are deleted after the call (no second copy of the weights lives through the update)."""
+    model, params = tiny()
+    eng = OnPolicyEngine(algorithm(False), Models(policy=model), sampling=SAMPLING,
+                         optimizer=recording_sgd(LR))
+    state = jax.device_put(eng.init({"policy": params}, {}, seed=0, algo_state=FLAGS))
+    batch, _ = prompts()
+    ro, rm, _ = eng.sample(state, state.step, batch)
+    mem = eng.update_jit.lower(state, eng.frozen, ro, None, rm).compile().memory_analysis()
+    assert mem.alias_size_in_bytes >= _nbytes((state.params, state.opt_state)) > 0
+    old = jax.tree.leaves(state.params)
+    eng.update_jit(state, eng.frozen, ro, None, rm)
+    assert all(x.is_deleted() for x in old)
+
+
+def test_bfloat16_reference_logprobs_are_float32_and_close_to_the_float32_reference():
+    """A frozen reference stored and run in bfloat16 (``ModelSpec(dtype="bfloat16")``): its
+    rollout log-probs are float32 (softmax in float32), within bfloat16 rounding of the float32
+    reference's, and its params take half the bytes."""
+    model, params = tiny()
+    ref16 = model_for(CONFIG.replace(param_dtype="bfloat16", dtype="bfloat16"))
+    params16 = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), params)
+    batch, _ = prompts()
+    out = {}
+    for name, ref, p in (("f32", model, params), ("bf16", ref16, params16)):
+        eng = OnPolicyEngine(algorithm(False), Models(policy=model, reference=ref),
+                             sampling=SAMPLING, optimizer=recording_sgd(LR))
+        state = eng.init({"policy": params}, {"reference": p}, seed=0, algo_state=FLAGS)
+        out[name] = jax.device_get(eng.sample(state, state.step, batch)[0])
+    assert _nbytes(params16) * 2 == _nbytes(params)
+    a, b = out["f32"], out["bf16"]
+    np.testing.assert_array_equal(a.completion, b.completion)  # the same policy sampled
+    assert b.ref_logp.dtype == np.float32
+    np.testing.assert_allclose(a.ref_logp, a.sampler_logp, atol=1e-5)  # reference == policy
+    gap = np.abs(b.ref_logp - a.ref_logp)[a.mask]
+    assert 0.0 < gap.max() < 0.1, gap.max()
