@@ -104,7 +104,8 @@ def program_memory(engine, state, prompts, mask) -> dict:
     args = (state.params, state.rng, state.step, engine.frozen, prompts, mask)
     rollout = engine.rollout_jit.lower(*args).compile()
     ro, rm, _ = rollout(*args)
-    update = engine.update_jit.lower(state, engine.frozen, ro, None, rm).compile()
+    host = np.zeros(ro.truncated.shape, np.float32)  # the reward functions' sum, as timed
+    update = engine.update_jit.lower(state, engine.frozen, ro, host, rm).compile()
     held = sum(x.nbytes for x in jax.tree.leaves((state, engine.frozen)))
     return {"rollout": compiled_memory_mib(rollout), "update": compiled_memory_mib(update),
             "held_between_steps": r(held / 2**20, 1)}

@@ -41,9 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks._common import REAL_135M, emit, shared_checkpoint, timed, torch_stack
-from rlhf_jax.sampling import SamplingConfig, make_sampler
 from rlhf_jax.ops.logprobs import NEG_INF
-from rlhf_jax.sampling import filter_logits
+from rlhf_jax.sampling import SamplingConfig, filter_logits, make_sampler
 from rlhf_jax.sampling.sampler import _choose
 
 

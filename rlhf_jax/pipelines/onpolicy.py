@@ -49,9 +49,9 @@ class Prepared:
     """The prompts' padded width (training and evaluation): the sampler's prompt slots."""
     data_report: dict
     """Rows per data file, and those skipped (``result.json``'s ``data``)."""
-    train_width: int = 0
+    train_width: int
     """The training prompts' padded width (a step's prompts are ``[batch_size, train_width]``)."""
-    rollout_mesh: Any = None
+    rollout_mesh: Any
     """The rollout's own mesh (``overlap.rollout_devices``), None: it samples on ``mesh``."""
 
 

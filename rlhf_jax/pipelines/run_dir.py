@@ -43,6 +43,29 @@ def write_json(path: str, obj) -> None:
         atomic_write_json(path, obj)
 
 
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def with_new_defaults(old: Mapping, cfg) -> dict:
+    """``old`` (a saved ``config_dict``) with the fields it lacks filled in from ``cfg``, where
+    ``cfg`` holds the field's default: a run saved before a field existed resumes unless the
+    new config sets that field to something else. Nested blocks are filled the same way."""
+    out = dict(old)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in out:
+            if _field_default(f) == value:
+                out[f.name] = config_dict(value)
+        elif dataclasses.is_dataclass(value) and isinstance(out[f.name], Mapping):
+            out[f.name] = with_new_defaults(out[f.name], value)
+    return out
+
+
 def _has_checkpoint(output_dir: str) -> bool:
     """Whether a step was saved (``checkpoints/<step>``): only then is there a run to resume."""
     ckpt = os.path.join(output_dir, "checkpoints")
@@ -68,7 +91,7 @@ def prepare_run_dir(cfg, output_dir: str, *, ignore: Iterable[str] = NOT_IDENTIT
     new = {"kind": type(cfg).__name__} | config_dict(cfg)
     if os.path.exists(path) and _has_checkpoint(output_dir):
         with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+            old = with_new_defaults(json.load(f), cfg)
         diff = sorted(k for k in set(old) | set(new)
                       if k not in ignore and old.get(k) != new.get(k))
         if diff:

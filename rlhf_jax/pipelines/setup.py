@@ -86,8 +86,11 @@ def load_model(spec: ModelSpec, *, heads: tuple[str, ...], vocab_size: int, seed
         return model_for(config.replace(remat=spec.remat)), params
     extra = {"param_dtype": spec.dtype, "dtype": spec.dtype} if spec.dtype else {}
     extra |= {"remat": True} if spec.remat else {}
+    both = sorted(set(extra) & set(spec.overrides))
+    if both:
+        raise ValueError(f"ModelSpec sets {both} twice: as its own field and in overrides")
     config = get_preset(spec.preset, vocab_size=vocab_size, heads=heads,
-                        **(dict(spec.overrides) | extra))
+                        **dict(spec.overrides), **extra)
     return init_model(config, jax.random.PRNGKey(seed))
 
 

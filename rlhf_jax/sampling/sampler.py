@@ -43,7 +43,8 @@ class SamplingConfig:
     top_k: int | None = None
     """Keep only the k most likely tokens (None: no limit)."""
     top_p: float | None = None
-    """Nucleus sampling: keep the smallest set whose probability reaches top_p (None: off)."""
+    """Nucleus sampling: keep the smallest set of most likely tokens whose probability reaches
+    top_p, tokens of equal probability kept together (``filter_logits``; None: off)."""
     n: int = 1
     """Samples per prompt; rows ``i*n .. i*n+n-1`` belong to prompt ``i`` (group layout)."""
 
@@ -108,8 +109,9 @@ def filter_logits(z: Float[Array, "B V"], *, top_k: int | None, top_p: float | N
 
     Neither sorts the vocabulary: each finds its threshold by bisection over the values' int32
     keys, 32 passes of a count (top-k) or a masked sum (top-p) over ``[B, V]``. On XLA:CPU at
-    ``B = 8, V = 49152`` a full sort took ~150 ms and ``lax.top_k(z, 50)`` ~100 ms per decode step,
-    more than the model's forward pass; the bisections take 4-8 ms (``benchmarks/rollout.py``).
+    ``B = 8, V = 49152`` a full sort took 124 ms and ``lax.top_k(z, 50)`` 85 ms per decode step,
+    more than the model's forward pass (111 ms); the bisections take 4 ms
+    (``benchmarks/rollout.py``, ``filter_ms``).
     """
     if top_k is not None and top_k < z.shape[-1]:
         key = _ordered_key(z)

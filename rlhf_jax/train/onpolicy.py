@@ -126,11 +126,12 @@ def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimi
         extra = {}
         if not algo.score_old:  # old_logp holds the sampler's: measure the gap, then reuse
             m = mb.mask
-            extra["logprob_diff_sampler_trainer"] = Mean(
-                jnp.sum(jnp.where(m, jnp.abs(mb.old_logp - fwd.logprobs), 0.0)),
-                jnp.sum(m, dtype=jnp.float32))
             prox = jax.lax.stop_gradient(fwd.logprobs)  # the update's params before any step
-            if is_cap is not None:
+            if is_cap is None:
+                extra["logprob_diff_sampler_trainer"] = Mean(
+                    jnp.sum(jnp.where(m, jnp.abs(mb.old_logp - fwd.logprobs), 0.0)),
+                    jnp.sum(m, dtype=jnp.float32))
+            else:  # a step-old sampler: offpolicy/logprob_diff is that gap, staleness included
                 adv, acc = corrected_advantages(mb.advantages, prox, mb.old_logp,
                                                 m & mb.live[:, None], cap=is_cap)
                 mb, extra = mb._replace(advantages=adv), extra | acc
@@ -154,7 +155,9 @@ def _update_fn(algo: OnPolicyAlgorithm, models: Models, rewards: Rewards, optimi
         ro, adv_metrics = algo.advantages(ro, state.algo)
         ro = ro._replace(live=ok if ro.live is None else ro.live & ok)
         if is_cap is not None and algo.score_old:  # score the proximal policy theta_t once
-            prox = forward(state.params, frozen, ro).logprobs
+            prox = score_completions(
+                models.policy, models.policy_params(state.params, frozen), ro.prompt,
+                ro.prompt_mask, ro.completion, ro.mask, temperature=temperature).logprobs
             ro, off_metrics = correct_rollout(ro, prox, cap=is_cap)
             metrics |= off_metrics
         # the scan gathers only what a loss reads: the sampler's log-probs already sit in
@@ -208,11 +211,13 @@ class OnPolicyEngine:
         if max_staleness not in (0, 1):
             raise ValueError(f"max_staleness must be 0 (on-policy) or 1 (one-step-off), got "
                              f"{max_staleness}")
-        if not is_cap > 0:
-            raise ValueError(f"is_cap must be > 0, got {is_cap}")
-        if rollout_mesh is not None and (mesh is None or set(rollout_mesh.devices.flat)
-                                         & set(mesh.devices.flat)):
-            raise ValueError("rollout_mesh needs a training mesh on other devices")
+        if not is_cap >= 1.0:
+            raise ValueError(f"is_cap must be >= 1 (a cap below 1 shrinks every token's "
+                             f"weight), got {is_cap}")
+        if rollout_mesh is not None and (mesh is None or jax.process_count() > 1 or set(
+                rollout_mesh.devices.flat) & set(mesh.devices.flat)):
+            raise ValueError("rollout_mesh needs one process and a training mesh on other "
+                             "devices")
         self.algo, self.models, self.sampling = algo, models, sampling
         self.optimizer, self.rewards, self.mesh = optimizer, rewards, mesh
         self.rollout_mesh, self.max_staleness = rollout_mesh, max_staleness

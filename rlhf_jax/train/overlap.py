@@ -11,11 +11,12 @@ loop's ledger records for it.
 
 The update corrects for the stale sampler with decoupled PPO and a truncated importance
 weight (``ops.truncated_importance_weights``): the proximal policy ``pi_prox = pi_{theta_t}``
-is scored at the start of the update (with one update per rollout the update's own forward
-pass *is* that score, so it costs nothing), the clipped ratio is ``pi_theta / pi_prox``, and
-each token's advantage is multiplied by ``w_t = min(pi_prox / pi_behav, C)``. Since
-``w_t >= 0``, ``w max(-A u, -A clip(u)) = max(-(w A) u, -(w A) clip(u))``: folding the weight
-into the advantage is exactly the decoupled objective, and every algorithm's loss is used
+is scored at the start of the update (with ``score_old=False``, one update per rollout, the
+update's own forward pass *is* that score and costs nothing; otherwise it is one more forward
+pass), the clipped ratio is ``pi_theta / pi_prox``, and each token's advantage is multiplied
+by ``w_t = min(pi_prox / pi_behav, C)``. Since ``w_t >= 0``,
+``w max(-A u, -A clip(u)) = max(-(w A) u, -(w A) clip(u))``: folding the weight into the
+advantage is exactly the decoupled objective, and every algorithm's loss is used
 unchanged (it then receives ``[B, T]`` advantages). The KL leash and a critic's values still
 come from the behaviour policy's pass (their estimates are one step old).
 

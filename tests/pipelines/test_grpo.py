@@ -136,6 +136,7 @@ def test_grpo_one_step_off_on_a_rollout_sub_mesh(world):
         assert 0.0 <= r["offpolicy/is_clipped_frac"] <= 1.0
         assert r["offpolicy/logprob_diff"] >= 0.0 and r["offpolicy/is_weight_mean"] > 0.0
     assert rows[0]["offpolicy/logprob_diff"] < 1e-4  # step 0 samples with its own params
+    assert all(r["offpolicy/logprob_diff"] > 1e-6 for r in rows[1:])  # later ones a step late
     _, init = load_hf_checkpoint(world.sft["model_dir"], heads=("lm",))
     assert_moved(result["model_dir"], init, heads=("lm",))
 

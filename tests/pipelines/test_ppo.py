@@ -160,6 +160,7 @@ def test_ppo_one_step_off(world):
                                 overlap=OverlapConfig(max_staleness=1)))
     rows = assert_run_outputs(result, steps=3, kind="PPOConfig")
     assert rows[0]["offpolicy/logprob_diff"] < 1e-4  # step 0 samples with its own params
+    assert all(r["offpolicy/logprob_diff"] > 1e-6 for r in rows[1:])  # later ones a step late
     assert all(0.0 <= r["offpolicy/is_clipped_frac"] <= 1.0 for r in rows)
     _, init = load_hf_checkpoint(world.sft["model_dir"], heads=("lm",))
     assert_moved(result["model_dir"], init, heads=("lm",))

@@ -4,6 +4,7 @@ and the config checks that run before anything compiles."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -124,6 +125,23 @@ def test_run_dir_reused_with_another_config(world):
     # a loop change alone is allowed (extending a finished run)
     longer = dataclasses.replace(world.sft_cfg.loop, total_steps=9)
     prepare_run_dir(dataclasses.replace(world.sft_cfg, loop=longer), world.sft_cfg.output_dir)
+
+
+def test_run_saved_before_a_field_existed_resumes(world, tmp_path):
+    """A config.json written before a field was added (here ``model.remat``) lacks it: the run
+    resumes while the new config keeps the field's default, and is refused once it sets it."""
+    cfg = dataclasses.replace(world.sft_cfg, output_dir=str(tmp_path / "old"))
+    prepare_run_dir(cfg, cfg.output_dir)
+    (tmp_path / "old" / "checkpoints" / "3").mkdir(parents=True)  # a saved step
+    path = tmp_path / "old" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["model"]["remat"]
+    path.write_text(json.dumps(saved))
+    prepare_run_dir(cfg, cfg.output_dir)  # the default: the same run
+    path.write_text(json.dumps(saved))
+    remat = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=True))
+    with pytest.raises(ValueError, match=r"different config \(fields \['model'\]\)"):
+        prepare_run_dir(remat, cfg.output_dir)
 
 
 def test_batch_not_divisible_by_devices(world, tmp_path):
