@@ -42,6 +42,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks._common import emit  # noqa: E402
+from benchmarks.grpo_vs_trl import even_token_reward  # noqa: E402
 from rlhf_jax.models import ModelConfig, init_model  # noqa: E402
 from rlhf_jax.parallel import MeshConfig, make_mesh  # noqa: E402
 from rlhf_jax.pipelines.config import KLConfig  # noqa: E402
@@ -61,12 +62,6 @@ class _Words:
 
     def decode(self, ids):
         return " ".join(f"t{i}" for i in ids)
-
-
-def even_token_reward(prompts, completions, **_):
-    """Fraction of completion words ``t<i>`` with even ``i`` (cheap, deterministic)."""
-    return [sum(int(w[1:]) % 2 == 0 for w in c.split()) / max(len(c.split()), 1)
-            for c in completions]
 
 
 def make_engine(a, policy, meshes, staleness: int) -> OnPolicyEngine:

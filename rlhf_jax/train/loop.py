@@ -330,7 +330,9 @@ def train_loop(
     ``lookahead``: call ``step_fn(state, batch, next_batch)`` with the batch of the following
     step too (the one-step-off engine starts that batch's rollout early); the ledger still
     records ``batch`` at its step and a checkpoint the data position just after ``batch``, so a
-    resumed run takes ``next_batch`` again as its first batch.
+    resumed run takes ``next_batch`` again as its first batch (the last step, too, starts the
+    rollout of the batch after it: the final checkpoint holds it, so an extended run resumes
+    exactly; one rollout per run that is trained on only if the run is extended).
 
     ``logging`` picks the sinks besides ``metrics.jsonl``; ``hparams`` (the run's config as
     JSON-able data) goes to the experiment trackers it enables. Returns the final state and

@@ -58,4 +58,4 @@ def state_shardings(state: TrainState, mesh, param_shardings=None) -> TrainState
         opt_state=opt_state_shardings(state.opt_state, param_shardings, mesh,
                                       params=state.params),
         rng=rep, algo=jax.tree.map(lambda _: rep, state.algo), skipped=rep,
-        pending=jax.tree.map(lambda _: rep, state.pending))
+        pending=jax.tree.map(lambda _: rep, state.pending))  # the engine places its rows
