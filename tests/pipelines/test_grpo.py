@@ -158,23 +158,30 @@ def test_overlap_config_checks(world):
 
 def test_remat_policy_and_bfloat16_reference(world):
     """``policy.remat`` and a ``bfloat16`` reference (the memory savers of
-    ``benchmarks.grpo_vs_trl --real-shape``): the loaded models say so, the first step samples
-    what the plain run samples, and its KL to the bfloat16 copy of the policy stays at bfloat16
-    rounding (the plain run's is float32 rounding)."""
+    ``benchmarks.grpo_vs_trl --real-shape``): the loaded models say so; remat alone trains as
+    the plain run does (the same completions and losses, gradients to float32 rounding); with
+    the bfloat16 reference the first step samples what the plain run samples, and its KL to the
+    bfloat16 copy of the policy stays at bfloat16 rounding (the plain run's is float32's)."""
     fns = {"exact_match": exact_match_reward, "length": length_reward}
     rows = {}
-    for saver in (False, True):
-        spec = ModelSpec(path=world.sft["model_dir"], remat=saver)
-        ref = ModelSpec(path=world.sft["model_dir"], dtype="bfloat16") if saver else None
-        result = grpo.run(grpo_config(world, f"grpo_saver_{saver}", policy=spec, reference=ref,
+    for name, remat, ref_dtype in (("plain", False, None), ("remat", True, None),
+                                   ("both", True, "bfloat16")):
+        spec = ModelSpec(path=world.sft["model_dir"], remat=remat)
+        ref = None if ref_dtype is None else ModelSpec(path=world.sft["model_dir"],
+                                                       dtype=ref_dtype)
+        result = grpo.run(grpo_config(world, f"grpo_saver_{name}", policy=spec, reference=ref,
                                       kl=KLConfig(coef=0.05), algorithm=algo(num_minibatches=1)),
                           reward_fns=fns)
-        rows[saver] = train_rows(result["run_dir"])
+        rows[name] = train_rows(result["run_dir"])
         models = result["models"]
-        assert models.policy.config.remat is saver
-        assert models.reference.config.param_dtype == ("bfloat16" if saver else "float32")
-    plain, saved = rows[False][0], rows[True][0]
+        assert models.policy.config.remat is remat
+        assert models.reference.config.param_dtype == (ref_dtype or "float32")
+    plain, remat, both = rows["plain"], rows["remat"], rows["both"]
+    for a, b in zip(plain, remat):  # every step: remat changes no number beyond rounding
+        assert a["response_length"] == b["response_length"]
+        np.testing.assert_allclose([b["loss"], b["reward"]], [a["loss"], a["reward"]],
+                                   rtol=1e-4, atol=1e-6)
     for key in ("reward", "response_length"):
-        assert saved[key] == plain[key], key  # the same completions
-    assert abs(plain["kl"]) < 1e-4 and 0.0 < abs(saved["kl"]) < 0.05
-    assert all(np.isfinite(r["loss"]) for r in rows[True])
+        assert both[0][key] == plain[0][key], key  # the same completions
+    assert abs(plain[0]["kl"]) < 1e-4 and 0.0 < abs(both[0]["kl"]) < 0.05
+    assert all(np.isfinite(r["loss"]) for r in both)
