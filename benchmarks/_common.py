@@ -83,6 +83,15 @@ def timed(fn, *, repeats: int = 3) -> tuple[float, float]:
     return first, statistics.median(runs)
 
 
+def program_peak_bytes(compiled) -> int:
+    """What a compiled program needs at once by XLA's buffer assignment
+    (``compiled.memory_analysis()``): ``argument + output - alias + temp`` bytes, its inputs
+    included and donated inputs counted once."""
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
 def emit(record: dict) -> dict:
     record.setdefault("backend", jax.default_backend())
     record.setdefault("devices", jax.device_count())

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._common import REAL_135M as REAL_135M_ARCH, emit
+from benchmarks._common import REAL_135M as REAL_135M_ARCH, emit, program_peak_bytes
 from benchmarks._vs_trl import write_tokenizer
 from rlhf_jax.data import Tokenizer
 from rlhf_jax.losses import dpo_loss
@@ -45,12 +45,6 @@ from rlhf_jax.train.adapters import adapt, lora_loss
 from rlhf_jax.types import PromptBatch, TokenBatch
 
 REAL_135M = ModelConfig(family="llama", **REAL_135M_ARCH)
-
-
-def _peak(compiled) -> int:
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
-               - m.alias_size_in_bytes)
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -94,7 +88,7 @@ def dpo_step(model, params, a, lora: LoraConfig | None) -> dict:
         model_used, frozen = adapted.model, adapted.base
         loss = lora_loss(loss_fn, adapted, has_frozen=False, train=True)
     state = create_train_state(trained, optimizer, seed=0)
-    peak = _peak(_lowered(loss, optimizer, state, both, frozen))
+    peak = program_peak_bytes(_lowered(loss, optimizer, state, both, frozen))
     step = make_train_step(loss, optimizer, frozen=frozen)
     box = {"state": state}
 
@@ -156,11 +150,11 @@ def grpo_step(model, params, a, tokenizer, lora: LoraConfig | None) -> dict:
 
     step_s = _median_s(run, a.repeats)
     s = box["state"]
-    ro, rm, _ = engine.rollout_jit(s.params, s.rng, s.step, engine.frozen, prompts, mask)
-    peak = max(_peak(engine.rollout_jit.lower(s.params, s.rng, s.step, engine.frozen, prompts,
-                                              mask).compile()),
-               _peak(engine.update_jit.lower(box["state"], engine.frozen, ro,
-                                             jnp.zeros(ro.truncated.shape), rm).compile()))
+    args = (s.params, s.rng, s.step, engine.frozen, prompts, mask)
+    ro, rm, _ = engine.rollout_jit(*args)
+    update = engine.update_jit.lower(s, engine.frozen, ro, jnp.zeros(ro.truncated.shape), rm)
+    peak = max(program_peak_bytes(engine.rollout_jit.lower(*args).compile()),
+               program_peak_bytes(update.compile()))
     return {"peak_mib": round(peak / 2**20, 1), "step_s": round(step_s, 3)}
 
 

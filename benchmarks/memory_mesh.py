@@ -42,6 +42,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
+from benchmarks._common import program_peak_bytes  # noqa: E402
 from rlhf_jax.losses import sft_loss  # noqa: E402
 from rlhf_jax.models import get_preset, token_batch_logprobs  # noqa: E402
 from rlhf_jax.models.transformer import abstract_params, model_for  # noqa: E402
@@ -130,8 +131,7 @@ def measure(config, mesh_shape, *, batch: int, seq: int, step=None) -> dict:
         "temp_size_in_bytes", "generated_code_size_in_bytes")}
     params_b = shard_bytes(state.params, st_sh.params)
     opt_b = shard_bytes(state.opt_state, st_sh.opt_state)
-    peak = (mem["argument_size_in_bytes"] + mem["output_size_in_bytes"]
-            - mem["alias_size_in_bytes"] + mem["temp_size_in_bytes"])
+    peak = program_peak_bytes(compiled)
     return {"benchmark": "memory_mesh", "mesh": mesh_name(mesh_shape), "remat": config.remat,
             "batch": batch, "seq": seq, "params_bytes": params_b, "opt_bytes": opt_b,
             "state_bytes": params_b + opt_b, **mem, "peak_bytes": peak,

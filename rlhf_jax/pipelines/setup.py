@@ -157,13 +157,17 @@ def make_mesh(mesh: MeshConfig | None, batch_size: int, *, what: str = "data.bat
                          f"parallel over all {jax.device_count()} devices)")
     if mesh is None or jax.device_count() == 1:
         return None
-    built = parallel.make_mesh(mesh)
+    return _batch_fits(parallel.make_mesh(mesh), batch_size, what)
+
+
+def _batch_fits(built, batch_size: int, what: str, name: str = ""):
+    """``built``, after checking that ``batch_size`` rows split over its ``data x fsdp``."""
     rows = parallel.batch_size_divisor(built)
     if batch_size % rows:
-        shape = dict(built.shape)
-        raise ValueError(f"{what} {batch_size} is not divisible by data x fsdp = {rows} (mesh "
-                         f"{shape} over {jax.device_count()} devices); change {what} or the "
-                         f"mesh (mesh=None: one device)")
+        of = f" of the {name} mesh" if name else ""
+        raise ValueError(f"{what} {batch_size} is not divisible by data x fsdp = {rows}{of} "
+                         f"(mesh {dict(built.shape)} over {built.devices.size} devices); change "
+                         f"{what} or the mesh (mesh=None: one device)")
     return built
 
 
@@ -188,12 +192,7 @@ def split_mesh(mesh: MeshConfig | None, batch_size: int, rollout_devices: int, *
         except ValueError as e:
             raise ValueError(f"the {name} mesh on {len(part)} devices (overlap.rollout_devices"
                              f"={rollout_devices} of {n}): {e}") from None
-        rows = parallel.batch_size_divisor(built)
-        if batch_size % rows:
-            raise ValueError(f"{what} {batch_size} is not divisible by data x fsdp = {rows} of "
-                             f"the {name} mesh {dict(built.shape)} (overlap.rollout_devices="
-                             f"{rollout_devices} of {n} devices)")
-        meshes.append(built)
+        meshes.append(_batch_fits(built, batch_size, what, name))
     return meshes[0], meshes[1]
 
 
